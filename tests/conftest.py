@@ -1,0 +1,26 @@
+"""Shared fixtures: the real MNIST files when present, small seeded tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/data/mnist beside the checkout holds the official MNIST test files; tests skip without it.
+MNIST_DIR = Path(os.environ.get("ROBUSTFL_MNIST_DIR", REPO.parent / "shared" / "data" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST test files not found in {MNIST_DIR}")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from robustfl_lib import load_dataset
+
+    return load_dataset("digits", seed=0)

@@ -1,0 +1,64 @@
+"""Project hygiene: dependencies agree, no committed .ipynb, every chapter is a MyST notebook in the book."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
+
+# conda and pip spell a few packages differently.
+CONDA_NAMES = {"torch": "pytorch"}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_runtime_dependencies_agree():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+    pip_reqs = list(project["dependencies"])
+    for extra in ("book", "dev"):
+        pip_reqs += project["optional-dependencies"][extra]
+    missing = sorted({CONDA_NAMES.get(_name(r), _name(r)) for r in pip_reqs} - conda)
+    assert not missing, f"in pyproject.toml but not environment.yml: {missing}"
+    assert any(d.startswith("torch>=") for d in project["dependencies"]), "torch must stay a lower bound"
+
+
+def test_no_ipynb_committed():
+    try:
+        out = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=REPO, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    assert out.stdout.strip() == "", f"notebooks must be committed as MyST .md only: {out.stdout.split()}"
+
+
+CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.md"))
+
+
+def test_chapters_exist():
+    assert CHAPTERS, "no chapters found"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_is_myst_notebook_in_toc(chapter):
+    text = chapter.read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["jupytext"]["text_representation"]["format_name"] == "myst"
+    assert front["kernelspec"]["name"] == "python3"
+    assert "```{code-cell} ipython3" in text
+    assert re.search(r"^\s*assert ", text, re.M), f"{chapter.name} asserts none of its claims"
+    toc = (REPO / "book" / "_toc.yml").read_text()
+    assert f"chapters/{chapter.stem}" in toc, f"{chapter.name} is missing from book/_toc.yml"
