@@ -5,6 +5,8 @@ Every module defines ``__all__``; its public names are re-exported here, so
 """
 
 from .aggregators import *  # noqa: F401,F403
+from .attacks import *  # noqa: F401,F403
+from .byzantine import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
 from .federated import *  # noqa: F401,F403
 from .models import *  # noqa: F401,F403
