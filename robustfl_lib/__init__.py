@@ -7,6 +7,7 @@ Every module defines ``__all__``; its public names are re-exported here, so
 from .aggregators import *  # noqa: F401,F403
 from .attacks import *  # noqa: F401,F403
 from .byzantine import *  # noqa: F401,F403
+from .checkpoint import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
 from .federated import *  # noqa: F401,F403
 from .models import *  # noqa: F401,F403
@@ -14,5 +15,6 @@ from .params import *  # noqa: F401,F403
 from .plotting import *  # noqa: F401,F403
 from .runtime import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
+from .vectorized import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
