@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The project's two commands, for a fresh clone with nothing but Python 3.10+.
 
-    python tasks.py test   # set up .venv, run the unit tests and every chapter under nbval
+    python tasks.py test   # set up .venv, build the site, run the unit tests, every chapter
+                           # under nbval, and a headless-Chromium check of every page
     python tasks.py book   # set up .venv, execute every chapter and build the site
 
 Both create (or reuse) the virtual environment ``.venv`` and install the
@@ -60,26 +61,46 @@ def notebooks_to_ipynb(dest: Path) -> list[Path]:
     return out
 
 
+def ensure_chromium() -> None:
+    """The browser check needs Chromium; on CI (root, Debian) install it, elsewhere say how."""
+    if shutil.which("chromium") or shutil.which("chromium-browser") or os.environ.get("CHROMIUM"):
+        return
+    if os.environ.get("CI") and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        sh("apt-get", "install", "-y", "-q", "chromium", stdout=subprocess.DEVNULL)
+    else:
+        print("note: Chromium not found; the browser check of the site will be skipped "
+              "(Debian/Ubuntu: sudo apt-get install chromium)", flush=True)
+
+
+def build_book(args: list[str]) -> int:
+    """Execute every chapter (cached) and build the site; -W -n: any warning fails the build."""
+    cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg")).returncode
+
+
 def test(args: list[str]) -> int:
+    """Unit tests, every chapter under nbval, and a browser check of the freshly built site."""
     setup()
+    ensure_chromium()
+    rc_book = build_book([])
     with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
         nbs = notebooks_to_ipynb(Path(tmp))
-        # Chapters run in the notebook's folder: point them at the repo for relative paths.
-        env = dict(os.environ, ROBUSTFL_REPO=str(ROOT), MPLBACKEND="Agg")
+        env = dict(os.environ, MPLBACKEND="Agg", ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
         cmd = [PY, "-m", "pytest", "tests", *nbs, "--nbval-lax", "--nbval-current-env",
                "--nbval-cell-timeout=900", "-p", "no:cacheprovider", *args]
         print("+", " ".join(map(str, cmd)), flush=True)
-        return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+        rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    if rc_book != 0:
+        print("FAILED: the book build (jupyter-book build book -W -n) failed; see its errors above", flush=True)
+    return rc_tests or rc_book
 
 
 def book(args: list[str]) -> int:
     setup()
-    cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
-    print("+", " ".join(map(str, cmd)), flush=True)
-    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg")).returncode
-    index = ROOT / "book" / "_build" / "html" / "index.html"
+    rc = build_book(args)
     if rc == 0:
-        print(f"\nThe site is at {index} (open it in a browser).")
+        print(f"\nThe site is at {ROOT / 'book' / '_build' / 'html' / 'index.html'} (open it in a browser).")
     return rc
 
 
