@@ -15,6 +15,7 @@ from .models import *  # noqa: F401,F403
 from .params import *  # noqa: F401,F403
 from .plotting import *  # noqa: F401,F403
 from .runtime import *  # noqa: F401,F403
+from .smoothing import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
 from .vectorized import *  # noqa: F401,F403
 
