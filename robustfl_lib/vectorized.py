@@ -106,6 +106,7 @@ def train_stacked(
     generators: Sequence[torch.Generator | None] | None = None,
     sample_loss: SampleLoss | None = None,
     weight_decay: float = 0.0,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Train ``len(xs)`` copies of ``model`` with plain minibatch SGD, copy ``k`` on ``(xs[k], ys[k])``.
 
@@ -114,6 +115,9 @@ def train_stacked(
     ``generators[k]`` fixes client ``k``'s shuffling exactly as in
     :func:`robustfl_lib.training.train`. ``sample_loss`` returns per-sample
     losses (default cross-entropy; adversarial training plugs in here).
+    ``starts`` (``(K, d)`` flat weight vectors) gives each copy its own starting
+    point instead of ``model``'s weights, so several independent simulations
+    (e.g. a grid of aggregators) can train their clients in one call.
     """
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"need one label tensor per input tensor and at least one client, got {len(xs)} and {len(ys)}")
@@ -128,10 +132,18 @@ def train_stacked(
     sample_loss = sample_loss or _cross_entropy
     base = copy.deepcopy(model)
     was_training = base.training
-    params = {
-        n: p.detach().unsqueeze(0).expand(K, *p.shape).clone().requires_grad_(True)
-        for n, p in base.named_parameters()
-    }
+    if starts is None:
+        params = {
+            n: p.detach().unsqueeze(0).expand(K, *p.shape).clone().requires_grad_(True)
+            for n, p in base.named_parameters()
+        }
+    else:
+        shapes = {n: p.shape for n, p in base.named_parameters()}
+        d = sum(s.numel() for s in shapes.values())
+        if starts.shape != (K, d):
+            raise ValueError(f"starts must have shape ({K}, {d}) (clients x parameters), got {tuple(starts.shape)}")
+        chunks = starts.detach().split([s.numel() for s in shapes.values()], dim=1)
+        params = {n: c.reshape(K, *shapes[n]).clone().requires_grad_(True) for n, c in zip(shapes, chunks)}
     stacked = StackedModel(base, params)
     x_all, y_all = torch.cat(list(xs)), torch.cat(list(ys))
     device = params[names[0]].device

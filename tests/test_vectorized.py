@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from robustfl_lib import MLP, SmallCNN, flatten_state, make_generator, partition, train
+from robustfl_lib import MLP, SmallCNN, flatten_state, make_generator, partition, train, unflatten_state
 from robustfl_lib.checkpoint import load_checkpoint, save_checkpoint
 from robustfl_lib.vectorized import StackedModel, train_stacked
 
@@ -34,6 +34,23 @@ def test_stacked_equals_sequential(digits, arch):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
     # The input model is untouched.
     assert not torch.equal(got[0], flatten_state(model.state_dict()))
+
+
+def test_stacked_with_separate_starting_points(digits):
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10)
+    xs, ys = _clients(digits, 3)
+    base = flatten_state(model.state_dict())
+    starts = torch.stack([base, base + 0.01, base - 0.02])
+    got = train_stacked(model, xs, ys, epochs=1, lr=0.1, batch_size=8, starts=starts,
+                        generators=[make_generator(k) for k in range(3)])
+    for k in range(3):
+        local = copy.deepcopy(model)
+        local.load_state_dict(unflatten_state(starts[k], model.state_dict()))
+        train(local, xs[k], ys[k], epochs=1, lr=0.1, batch_size=8, generator=make_generator(k))
+        torch.testing.assert_close(got[k], flatten_state(local.state_dict()), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="starts must have shape"):
+        train_stacked(model, xs, ys, starts=starts[:2])
 
 
 def test_stacked_model_is_a_flat_classifier(digits):
