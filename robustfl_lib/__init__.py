@@ -6,6 +6,7 @@ Every module defines ``__all__``; its public names are re-exported here, so
 
 from .aggregators import *  # noqa: F401,F403
 from .attacks import *  # noqa: F401,F403
+from .backdoor import *  # noqa: F401,F403
 from .byzantine import *  # noqa: F401,F403
 from .checkpoint import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
