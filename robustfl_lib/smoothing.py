@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
-__all__ = ["Smooth", "ABSTAIN", "gaussian_noise_loss", "certified_accuracy", "clopper_pearson_lower"]
+__all__ = [
+    "Smooth",
+    "ABSTAIN",
+    "SmoothedSoftClassifier",
+    "gaussian_noise_loss",
+    "certified_accuracy",
+    "clopper_pearson_lower",
+]
 
 #: The class index returned when the smoothed classifier abstains.
 ABSTAIN = -1
@@ -118,6 +125,31 @@ class Smooth:
         """:meth:`certify` for each row of ``xs``: returns ``(classes, radii)`` as numpy arrays."""
         results = [self.certify(x, n0, n, alpha, batch_size) for x in xs]
         return np.array([c for c, _ in results]), np.array([r for _, r in results])
+
+
+class SmoothedSoftClassifier(nn.Module):
+    r"""A differentiable stand-in for the smoothed classifier, to attack it with PGD (Salman et al. 2019).
+
+    ``forward(x)`` returns :math:`\log \frac1m \sum_{j=1}^m \mathrm{softmax}(f(x + \varepsilon_j))`,
+    :math:`\varepsilon_j \sim \mathcal N(0, \sigma^2 I)` drawn afresh at each call. An
+    attack that raises this loss moves ``x`` towards where the smoothed classifier
+    changes its mind; its success rate is an *empirical* upper bound on the smoothed
+    classifier's robust accuracy, which the certificate must never exceed.
+    """
+
+    def __init__(self, model: nn.Module, sigma: float, num_samples: int = 32, generator: torch.Generator | None = None):
+        super().__init__()
+        if not sigma > 0 or num_samples < 1:
+            raise ValueError(f"need sigma > 0 and num_samples >= 1, got {sigma}, {num_samples}")
+        self.model, self.sigma, self.num_samples, self.generator = model, float(sigma), int(num_samples), generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.num_samples
+        gen_device = self.generator.device if self.generator is not None else x.device
+        noise = torch.randn((m, *x.shape), generator=self.generator, dtype=x.dtype, device=gen_device).to(x.device)
+        logits = self.model((x.unsqueeze(0) + self.sigma * noise).reshape(m * len(x), *x.shape[1:]))
+        probs = logits.softmax(dim=-1).reshape(m, len(x), -1).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
 
 
 def gaussian_noise_loss(sigma: float, generator: torch.Generator | None = None):

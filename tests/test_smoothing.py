@@ -11,7 +11,14 @@ from scipy.stats import norm
 from torch import nn
 
 from robustfl_lib import MLP, make_generator, train
-from robustfl_lib.smoothing import ABSTAIN, Smooth, certified_accuracy, clopper_pearson_lower, gaussian_noise_loss
+from robustfl_lib.smoothing import (
+    ABSTAIN,
+    Smooth,
+    SmoothedSoftClassifier,
+    certified_accuracy,
+    clopper_pearson_lower,
+    gaussian_noise_loss,
+)
 
 
 class Constant(nn.Module):
@@ -126,3 +133,17 @@ def test_noise_training_runs_and_is_seeded(digits):
         losses.append(train(m, digits.x_train, digits.y_train, epochs=2, lr=0.1, generator=make_generator(0),
                             loss_fn=gaussian_noise_loss(0.25, make_generator(1))))
     assert losses[0] == losses[1] and losses[0][1] < losses[0][0] and math.isfinite(losses[0][1])
+
+
+def test_smoothed_soft_classifier_matches_closed_form_and_has_gradients():
+    # For the half-space classifier, P(class 1) = Phi(x0 / sigma).
+    soft = SmoothedSoftClassifier(HalfSpace(0.0), sigma=0.5, num_samples=20000, generator=make_generator(0))
+    x = torch.tensor([[0.25, 0.0], [-0.5, 0.3]], requires_grad=True)
+    logp = soft(x)
+    assert logp.shape == (2, 2)
+    # softmax of (-s, s) is not a hard vote, but its mean still favours the right side of the boundary.
+    assert logp[0, 1] > logp[0, 0] and logp[1, 0] > logp[1, 1]
+    (grad,) = torch.autograd.grad(logp[:, 1].sum(), x)
+    assert grad[0, 0] > 0 and torch.isfinite(grad).all()
+    with pytest.raises(ValueError):
+        SmoothedSoftClassifier(HalfSpace(), sigma=0.0)
