@@ -28,7 +28,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 TORCH = os.environ.get("ROBUSTFL_TORCH", "torch==2.13.0")
-EXTRAS = "book,dev"
+EXTRAS = "book,dev,flower"
 
 
 def sh(*cmd: str | Path, **kw) -> None:

@@ -29,8 +29,10 @@ def test_runtime_dependencies_agree():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)}
+    # What the environment's pip: section installs counts too (flwr[simulation] is there).
+    conda |= {_name(p) for d in env["dependencies"] if isinstance(d, dict) for p in d.get("pip", [])}
     pip_reqs = list(project["dependencies"])
-    for extra in ("book", "dev"):
+    for extra in ("book", "dev", "flower"):
         pip_reqs += project["optional-dependencies"][extra]
     missing = sorted({CONDA_NAMES.get(_name(r), _name(r)) for r in pip_reqs} - conda)
     assert not missing, f"in pyproject.toml but not environment.yml: {missing}"
