@@ -1,5 +1,436 @@
-"""Attacks on a model's inputs (adversarial examples). Taught in chapter ``01_adversarial_examples``."""
+"""Attacks on a model's inputs: adversarial examples. Taught in chapter ``01_adversarial_examples``.
+
+An untargeted attack looks, for an input ``x`` with label ``y``, for
+
+.. math::  x_{adv} \\in \\arg\\max_{\\|x' - x\\|_p \\le \\epsilon,\\; x' \\in [0, 1]^d} L(f(x'), y),
+
+the worst point of the eps-ball around ``x`` (intersected with the valid input box) for a
+loss ``L``. Every attack here is an object configured once and called on data,
+``attack(model, x, y) -> x_adv``, and keeps the same contract:
+
+* ``x_adv`` lies in the eps-ball (linf or l2) around ``x`` and in ``bounds`` (default [0, 1]);
+* the model's train/eval mode (of every submodule) and its parameters' ``requires_grad``
+  and ``.grad`` are as they were before the call; the model is run in eval mode;
+* any input shape ``(N, ...)``: flat vectors, ``(C, H, W)`` images, RGB;
+* it works inside ``torch.no_grad()`` (and ``torch.inference_mode()``): gradients are taken
+  with ``torch.autograd.grad`` with respect to the input only, under ``torch.enable_grad()``;
+* ``eps=0`` returns ``x`` unchanged; results follow the device of ``x``;
+* bad settings (negative eps, ``steps < 1``, unknown norm or loss) raise ``ValueError``.
+
+The classes are :class:`FGSM` (Goodfellow et al. 2015), :class:`PGD` (Madry et al. 2018;
+linf or l2, random start, restarts, cross-entropy or a margin loss: CW, Carlini & Wagner
+2017, or DLR, Croce & Hein 2020) and :class:`WorstCaseEnsemble`, which keeps per example the
+strongest of several attacks. The ensemble is a cheap sanity check in the spirit of
+AutoAttack (Croce & Hein 2020); it is *not* AutoAttack (no APGD step-size schedule, no FAB,
+no Square attack), so its robust accuracy is an upper bound on the true one, like any attack's.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "InputAttack",
+    "FGSM",
+    "PGD",
+    "WorstCaseEnsemble",
+    "attack_loss",
+    "logit_margin",
+    "attack_mode",
+    "NORMS",
+    "ATTACK_LOSSES",
+]
+
+NORMS = ("linf", "l2")
+ATTACK_LOSSES = ("ce", "cw", "dlr")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example margin ``max_{j != y} z_j - z_y`` of logits ``z``.
+
+    Positive exactly when another class outscores the true one (the example is
+    misclassified). It is the Carlini & Wagner (2017) loss with confidence 0, and
+    the score by which :class:`PGD` restarts and :class:`WorstCaseEnsemble` pick the
+    worst case per example (chapter ``01_adversarial_examples``).
+    """
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.amax(dim=1) - z_y
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Per-example loss that an attack maximizes.
+
+    * ``"ce"``: cross-entropy ``-log softmax(z)_y`` (Madry et al. 2018).
+    * ``"cw"``: the logit margin ``max_{j != y} z_j - z_y`` (Carlini & Wagner 2017).
+    * ``"dlr"``: the Difference of Logits Ratio
+      ``(max_{j != y} z_j - z_y) / (z_{pi_1} - z_{pi_3} + 1e-12)`` with ``z_{pi_1} >= z_{pi_2} >= ...``
+      the sorted logits (Croce & Hein 2020). It is invariant to shifting and rescaling the
+      logits, so a model cannot hide behind saturated softmax outputs; it needs >= 3 classes.
+
+    Margin losses keep a useful gradient where cross-entropy saturates, which is why the
+    ensemble runs PGD on both (chapter ``01_adversarial_examples``).
+    """
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "cw":
+        return logit_margin(logits, y)
+    if loss == "dlr":
+        if logits.shape[1] < 3:
+            raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+        top = logits.topk(3, dim=1).values
+        return logit_margin(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
+    raise ValueError(f"unknown attack loss {loss!r}; choose one of {ATTACK_LOSSES}")
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode with frozen parameters, then restore both exactly.
+
+    Every submodule's ``training`` flag and every parameter's ``requires_grad`` are saved
+    and put back, even on error. Freezing the parameters is what makes an attack cheap:
+    autograd then neither computes weight gradients nor keeps the activations they need,
+    and ``.grad`` can never be touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_bounds(bounds: tuple[float, float]) -> None:
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+
+
+def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape a per-example vector (N,) to broadcast against ``like`` (N, ...)."""
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Gradient of the summed attack loss with respect to ``x_adv`` only (a leaf requiring grad).
+
+    The sum, not the mean: in eval mode examples are independent, so each row of the
+    gradient is that example's own, at a scale that does not shrink with the batch.
+    """
+    value = attack_loss(model(x_adv), y, loss).sum()
+    (grad,) = torch.autograd.grad(value, x_adv)
+    return grad
+
+
+class InputAttack:
+    """Base of the input attacks: validation, the eps=0 shortcut, eval mode and frozen parameters.
+
+    Subclasses set ``eps``, ``norm`` and ``bounds`` and implement ``_perturb(model, x, y)``,
+    which runs with gradients enabled, the model in eval mode and its parameters frozen.
+    ``scaled(factor)`` returns a copy with the budget (and step size) multiplied by
+    ``factor``: :func:`robustfl_lib.training.adversarial_train` uses it for its eps warm-up.
+    """
+
+    eps: float
+    norm: str
+    bounds: tuple[float, float]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError("x and y must be torch tensors")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x (N, ...) and y (N,) must agree: got {tuple(x.shape)} and {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got {y.dtype}")
+        if x.numel() and (x.min() < self.bounds[0] or x.max() > self.bounds[1]):
+            raise ValueError(
+                f"x must lie in bounds {self.bounds} (inputs scaled to [0, 1]); "
+                f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
+            )
+        if self.eps == 0 or x.shape[0] == 0:
+            return x.detach().clone()
+        # inference_mode(False) + clone turns an inference tensor into one autograd accepts.
+        with attack_mode(model), torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone() if x.is_inference() else x.detach()
+            y = y.to(x.device).long()
+            return self._perturb(model, x, y).detach()
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scaled(self, factor: float) -> InputAttack:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- FGSM
+
+
+@dataclass(frozen=True)
+class FGSM(InputAttack):
+    """Fast Gradient Sign Method (Goodfellow, Shlens & Szegedy 2015), an linf attack.
+
+    ``x_adv = clip_[0,1](x + eps * sign(grad_x L(f(x), y)))``: one step to the corner of the
+    linf ball that a linear model of the loss says is worst. Chapter ``01_adversarial_examples``
+    shows that it underestimates what an iterative attack (:class:`PGD`) finds.
+    """
+
+    eps: float
+    loss: str = "ce"
+    bounds: tuple[float, float] = (0.0, 1.0)
+    norm: str = field(default="linf", init=False)
+
+    def __post_init__(self) -> None:
+        _check_eps(self.eps)
+        _check_bounds(self.bounds)
+        if self.loss not in ATTACK_LOSSES:
+            raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {ATTACK_LOSSES}")
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = x.clone().requires_grad_(True)
+        grad = _input_grad(model, x_adv, y, self.loss)
+        return (x + self.eps * grad.sign()).clamp_(*self.bounds)
+
+    def scaled(self, factor: float) -> FGSM:
+        return replace(self, eps=self.eps * factor)
+
+
+# --------------------------------------------------------------------------- PGD
+
+
+@dataclass(frozen=True)
+class PGD(InputAttack):
+    """Projected Gradient Descent (Madry et al. 2018): iterated, projected steepest ascent.
+
+    From ``x_0 = x`` (or a uniform random point of the ball when ``random_start``), repeat
+    ``steps`` times
+
+    * linf: ``x_{t+1} = Proj(x_t + alpha * sign(g_t))``,
+    * l2:   ``x_{t+1} = Proj(x_t + alpha * g_t / ||g_t||_2)``,
+
+    with ``g_t = grad_x L(f(x_t), y)`` and ``Proj`` the projection onto the eps-ball around ``x``
+    followed by clipping to ``bounds``. For linf the two are one clamp to
+    ``[max(x - eps, 0), min(x + eps, 1)]``, the exact projection onto their intersection; for
+    l2 clipping after the ball projection only moves coordinates towards ``x``, so the result
+    stays in the ball. ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al.), enough to
+    cross the ball from any start.
+
+    ``loss`` is ``"ce"``, ``"cw"`` or ``"dlr"`` (see :func:`attack_loss`). With
+    ``restarts > 1`` the first run is the same as with one restart; each further random start
+    attacks only the examples not yet misclassified, and per example the point with the
+    largest :func:`logit_margin` is kept, so more restarts never make the attack weaker.
+
+    Randomness: ``seed`` draws each call's random start from a fresh generator seeded with it
+    (same call, same output); ``generator`` draws from that (advancing) generator; with
+    neither the global torch RNG is used. Taught in chapters ``01_adversarial_examples``
+    (attack) and ``02_adversarial_training`` (the inner maximization of adversarial training).
+    """
+
+    eps: float
+    alpha: float | None = None
+    steps: int = 10
+    random_start: bool = True
+    norm: str = "linf"
+    restarts: int = 1
+    loss: str = "ce"
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        _check_eps(self.eps)
+        _check_norm(self.norm)
+        _check_bounds(self.bounds)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
+        if self.loss not in ATTACK_LOSSES:
+            raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {ATTACK_LOSSES}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2.5 * self.eps / self.steps)
+        elif not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha (the step size) must be > 0, got {self.alpha!r}")
+
+    def scaled(self, factor: float) -> PGD:
+        return replace(self, eps=self.eps * factor, alpha=self.alpha * factor)
+
+    # -- random start
+    def _generator(self) -> torch.Generator | None:
+        if self.seed is not None:
+            return torch.Generator().manual_seed(int(self.seed))
+        return self.generator
+
+    def _rand(self, kind: str, shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        # Draw on the generator's device (CPU by default) and move: the same seed gives the
+        # same start on every device.
+        device = gen.device if gen is not None else like.device
+        draw = torch.rand if kind == "uniform" else torch.randn
+        return draw(shape, generator=gen, device=device, dtype=like.dtype).to(like.device)
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.norm == "linf":
+            noise = self._rand("uniform", x.shape, x, gen).mul_(2 * self.eps).sub_(self.eps)
+        else:
+            # Uniform in the l2 ball: a uniform direction times radius eps * U^(1/d).
+            direction = self._rand("normal", x.shape, x, gen)
+            direction /= _per_example(_l2_norms(direction).clamp_min(1e-12), x)
+            radius = self.eps * self._rand("uniform", (x.shape[0],), x, gen).pow(1.0 / x[0].numel())
+            noise = direction.mul_(_per_example(radius, x))
+        return noise.add_(x)
+
+    # -- one run
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        lo_b, hi_b = self.bounds
+        if self.norm == "linf":
+            # Ball and box in one clamp: [max(x - eps, lo), min(x + eps, hi)].
+            lo = (x - self.eps).clamp_(min=lo_b)
+            hi = (x + self.eps).clamp_(max=hi_b)
+            x_adv = self._start(x, gen).clamp_(lo, hi) if self.random_start else x.clone()
+            x_adv.requires_grad_(True)
+            for _ in range(self.steps):
+                grad = _input_grad(model, x_adv, y, self.loss)
+                with torch.no_grad():
+                    x_adv.add_(grad.sign_(), alpha=self.alpha).clamp_(lo, hi)
+            return x_adv.detach()
+
+        x_adv = self._start(x, gen).clamp_(lo_b, hi_b) if self.random_start else x.clone()
+        x_adv.requires_grad_(True)
+        for _ in range(self.steps):
+            grad = _input_grad(model, x_adv, y, self.loss)
+            with torch.no_grad():
+                grad /= _per_example(_l2_norms(grad).clamp_min(1e-12), grad)
+                x_adv.add_(grad, alpha=self.alpha)
+                delta = x_adv.sub_(x)  # x_adv now holds the perturbation
+                delta.mul_(_per_example((self.eps / _l2_norms(delta).clamp_min(1e-12)).clamp_(max=1.0), delta))
+                x_adv.add_(x).clamp_(lo_b, hi_b)
+        return x_adv.detach()
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gen = self._generator()
+        best = self._run(model, x, y, gen)
+        if self.restarts == 1:
+            return best
+        with torch.no_grad():
+            best_margin = logit_margin(model(best), y)
+        for _ in range(self.restarts - 1):
+            todo = (best_margin <= 0).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            cand = self._run(model, x[todo], y[todo], gen)
+            with torch.no_grad():
+                cand_margin = logit_margin(model(cand), y[todo])
+            better = cand_margin > best_margin[todo]
+            best[todo[better]] = cand[better]
+            best_margin[todo[better]] = cand_margin[better]
+        return best
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+@dataclass(frozen=True)
+class WorstCaseEnsemble(InputAttack):
+    """Per example, the worst case over several attacks (and over ``x`` itself).
+
+    The first attack runs on the whole batch; each later one on the examples that no earlier
+    attack (nor the clean input) has misclassified. Per example the candidate with the largest
+    :func:`logit_margin` ``max_{j != y} z_j - z_y`` is kept, so the ensemble's accuracy is at
+    most its first member's (same seed), and at most what any member achieves on its own
+    candidates.
+    Use :meth:`standard` for PGD with restarts on cross-entropy, PGD on the DLR margin loss
+    (Croce & Hein 2020) and FGSM. This is a per-example worst case over a few cheap attacks in
+    the spirit of AutoAttack, not AutoAttack itself. Chapter ``02_adversarial_training``
+    evaluates the defended models with it.
+    """
+
+    attacks: tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], ...]
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        if not self.attacks:
+            raise ValueError("WorstCaseEnsemble needs at least one attack")
+        norms = {getattr(a, "norm", None) for a in self.attacks}
+        if len(norms) != 1:
+            raise ValueError(f"the attacks of an ensemble must share one norm, got {sorted(map(str, norms))}")
+        _check_bounds(self.bounds)
+
+    @property
+    def eps(self) -> float:  # the largest budget among the members
+        return max(float(a.eps) for a in self.attacks)
+
+    @property
+    def norm(self) -> str:
+        return self.attacks[0].norm
+
+    @classmethod
+    def standard(
+        cls, eps: float, norm: str = "linf", steps: int = 50, restarts: int = 3, seed: int | None = 0
+    ) -> WorstCaseEnsemble:
+        """PGD-``steps`` on cross-entropy with ``restarts`` random starts, PGD-``steps`` on DLR,
+        and (linf only) FGSM."""
+        attacks: list[InputAttack] = [
+            PGD(eps, steps=steps, norm=norm, restarts=restarts, seed=seed),
+            PGD(eps, steps=steps, norm=norm, loss="dlr", seed=None if seed is None else seed + 1),
+        ]
+        if norm == "linf":
+            attacks.append(FGSM(eps))
+        return cls(tuple(attacks))
+
+    def scaled(self, factor: float) -> WorstCaseEnsemble:
+        return replace(self, attacks=tuple(a.scaled(factor) for a in self.attacks))
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        best = x.clone()
+        with torch.no_grad():
+            best_margin = logit_margin(model(x), y)
+        for i, attack in enumerate(self.attacks):
+            # The first member sees the whole batch, so with the same seed the ensemble is never
+            # weaker than it; later members only attack what is still classified correctly.
+            todo = torch.arange(len(x), device=x.device) if i == 0 else (best_margin <= 0).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            cand = attack(model, x[todo], y[todo])
+            with torch.no_grad():
+                cand_margin = logit_margin(model(cand), y[todo])
+            better = cand_margin > best_margin[todo]
+            best[todo[better]] = cand[better]
+            best_margin[todo[better]] = cand_margin[better]
+        return best
+

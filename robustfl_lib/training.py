@@ -1,12 +1,15 @@
 """Training and evaluation loops on tensors.
 
 * :func:`train`: minibatch SGD on cross-entropy (chapter ``00_introduction``).
+* :func:`adversarial_train`: SGD on a mix of clean and adversarial loss, with an eps
+  warm-up (Goodfellow et al. 2015; Madry et al. 2018; chapter ``02_adversarial_training``).
 * :func:`evaluate`: clean accuracy, and robust accuracy under an input attack
   (chapter ``01_adversarial_examples``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["train", "evaluate", "accuracy", "iterate_minibatches"]
+__all__ = ["train", "adversarial_train", "evaluate", "accuracy", "iterate_minibatches"]
 
 
 def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -54,25 +57,36 @@ def train(
     generator: torch.Generator | None = None,
     progress: bool = False,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    desc: str = "train",
+    lr_schedule: str = "constant",
 ) -> list[float]:
     """Train ``model`` in place with minibatch SGD; return the mean loss of each epoch.
 
     ``x`` and ``y`` are moved to the model's device batch by batch, so a CPU
     dataset trains a CUDA model unchanged. ``generator`` fixes the shuffling.
     ``loss_fn(model, xb, yb)`` replaces the cross-entropy (adversarial training
-    plugs in here).
+    plugs in here). ``lr_schedule="cosine"`` anneals the learning rate batch by
+    batch as ``lr * (1 + cos(pi * t / T)) / 2`` over the ``T`` steps of training
+    (Loshchilov & Hutter 2017); ``"constant"`` keeps it.
     """
     _check_xy(x, y)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     device = _model_device(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = loss_fn or (lambda m, xb, yb: F.cross_entropy(m(xb), yb))
+    total_steps, step = epochs * math.ceil(len(x) / max(batch_size, 1)), 0
     model.train()
     losses = []
-    for _ in tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False):
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         total, count = 0.0, 0
         for idx in iterate_minibatches(len(x), batch_size, generator):
+            if lr_schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            step += 1
             xb, yb = x[idx.to(x.device)].to(device), y[idx.to(y.device)].to(device)
             loss = loss_fn(model, xb, yb)
             if not torch.isfinite(loss):
@@ -102,25 +116,115 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def adversarial_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int = 1,
+    mix: float = 0.5,
+    warmup_epochs: float = 0.0,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    lr_schedule: str = "constant",
+) -> list[float]:
+    """Adversarial training: minibatch SGD on a mix of clean and adversarial cross-entropy.
+
+    Each minibatch ``(x_b, y_b)`` is attacked, ``x_adv = attack(model, x_b, y_b)``, and the
+    step minimizes
+
+    .. math::  (1 - mix)\\, \\mathrm{CE}(f(x_b), y_b) + mix\\, \\mathrm{CE}(f(x_{adv}), y_b).
+
+    ``mix=0.5`` is the 50/50 objective of Goodfellow et al. (2015), the seed tutorial's
+    recipe; ``mix=1.0`` is the min-max objective of Madry et al. (2018), which trains on the
+    worst case only; ``mix=0`` is standard training. With ``0 < mix < 1`` the clean and
+    adversarial halves go through the model as one batch.
+
+    ``warmup_epochs`` ramps the attack's budget linearly, batch by batch, from
+    ``eps / warmup_batches`` up to ``eps`` over that many epochs (``attack.scaled(factor)``
+    scales eps and the step size), then keeps it at ``eps``. A large budget from the first
+    step (eps=0.3 on MNIST) can stall training at chance accuracy; the warm-up avoids it.
+
+    The attack runs with the model in eval mode (it restores train mode); everything else
+    is :func:`train`'s, which this calls with a ``loss_fn``: the same shuffling from
+    ``generator``, the same device handling (a CUDA model trains from CPU tensors unchanged),
+    the same per-epoch mean loss returned. ``progress=True`` shows a progress bar. Taught in
+    chapter ``02_adversarial_training``.
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    if not warmup_epochs >= 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if warmup_epochs > 0 and not hasattr(attack, "scaled"):
+        raise TypeError("an eps warm-up needs an attack with a .scaled(factor) method (FGSM, PGD, WorstCaseEnsemble)")
+    warmup_batches = warmup_epochs * math.ceil(len(x) / batch_size)
+    seen = 0
+
+    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        seen += 1
+        atk = attack
+        if seen < warmup_batches:
+            atk = attack.scaled(seen / warmup_batches)
+        if mix == 0.0:
+            return F.cross_entropy(m(xb), yb)
+        x_adv = atk(m, xb, yb)
+        if mix == 1.0:
+            return F.cross_entropy(m(x_adv), yb)
+        losses = F.cross_entropy(m(torch.cat([xb, x_adv])), torch.cat([yb, yb]), reduction="none")
+        clean, adv = losses.split(len(yb))
+        return (1.0 - mix) * clean.mean() + mix * adv.mean()
+
+    return train(
+        model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
+        generator=generator, progress=progress, loss_fn=loss_fn, desc="adversarial train", lr_schedule=lr_schedule,
+    )
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 1024,
-) -> dict[str, float]:
-    """Clean accuracy, and with ``attack`` the accuracy on ``attack(model, x, y)``.
+    progress: bool = False,
+) -> dict[str, float | None]:
+    """Clean accuracy, and with ``attack`` the robust accuracy, on held-out ``(x, y)``.
 
-    Returns ``{"clean_accuracy": ..., "robust_accuracy": ...}``; the robust
-    entry is ``None`` without an attack. Evaluate on held-out data.
+    Returns ``{"clean_accuracy": ..., "robust_accuracy": ...}`` (``None`` without an attack).
+    An example counts as robust when the model classifies both ``x`` and
+    ``attack(model, x, y)`` correctly: ``x`` itself lies in the eps-ball, so robust accuracy
+    never exceeds clean accuracy. Works inside ``torch.no_grad()``; the model's mode is
+    restored. Chapters ``01_adversarial_examples`` and ``02_adversarial_training``.
     """
-    out: dict[str, float] = {"clean_accuracy": accuracy(model, x, y, batch_size), "robust_accuracy": None}
-    if attack is not None:
-        device = _model_device(model)
-        advs = []
-        for start in range(0, len(x), batch_size):
+    _check_xy(x, y)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    clean_ok, robust_ok = 0, 0
+    starts = range(0, len(x), batch_size)
+    bar = tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False)
+    try:
+        for start in bar:
             xb = x[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device)
-            advs.append(attack(model, xb, yb))
-        out["robust_accuracy"] = accuracy(model, torch.cat(advs), y.to(device), batch_size)
-    return out
+            with torch.no_grad():
+                ok = model(xb).argmax(dim=1) == yb
+            clean_ok += int(ok.sum())
+            if attack is not None:
+                x_adv = attack(model, xb, yb)
+                with torch.no_grad():
+                    ok &= model(x_adv).argmax(dim=1) == yb
+                robust_ok += int(ok.sum())
+    finally:
+        model.train(was_training)
+    return {
+        "clean_accuracy": clean_ok / len(x),
+        "robust_accuracy": robust_ok / len(x) if attack is not None else None,
+    }

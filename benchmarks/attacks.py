@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""PGD throughput: the library's attack against a straightforward reference implementation.
+
+The reference is the loop most tutorials write (and the seed tutorial's): each step makes the
+input a leaf with ``requires_grad_()``, calls ``loss.backward()`` (which also fills every
+parameter's ``.grad``), zeroes the model's gradients and projects with ``min``/``max``/``clamp``.
+The library's :class:`robustfl_lib.PGD` freezes the parameters for the duration of the attack
+(autograd then computes no weight gradients and keeps no activations for them), takes
+``torch.autograd.grad`` with respect to the input only, and updates and projects in place with
+one precomputed ``[max(x - eps, 0), min(x + eps, 1)]`` clamp.
+
+Both run the same model in eval mode, on the same data, from the same start
+(``random_start=False``), and the script checks that they return the same adversarial
+examples before timing them. Each timing is the median of ``--repeats`` runs after a warm-up.
+
+    python benchmarks/attacks.py                 # digits MLP and MNIST-shaped CNN, PGD-10
+    python benchmarks/attacks.py --threads 1 --repeats 9 --device cuda
+
+With ``--train`` it also times one epoch of PGD adversarial training of the CNN on
+MNIST-shaped data (real MNIST from ../shared/data/mnist when present), useful on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import robustfl_lib as rfl  # noqa: E402
+
+
+def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """The textbook loop: requires_grad_ + backward each step, projection by min/max/clamp."""
+    model.eval()
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_()
+        loss = F.cross_entropy(model(x_adv), y)
+        model.zero_grad()
+        loss.backward()
+        x_adv = x_adv.detach() + alpha * x_adv.grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
+    """Median wall time of each of ``fns``, timed interleaved (A, B, A, B, ...) after one warm-up
+    call each, so a change in the machine's load hits every contender alike."""
+    for fn in fns:
+        fn()  # warm-up: allocator, kernels, lazy initialisation
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            _sync(device)
+            start = time.perf_counter()
+            fns[i]()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def cases(device: torch.device, cnn_batch: int) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, float]]:
+    torch.manual_seed(0)
+    digits = rfl.load_dataset("digits", seed=0)
+    x_d = torch.cat([digits.x_train, digits.x_test]).to(device)
+    y_d = torch.cat([digits.y_train, digits.y_test]).to(device)
+    mlp = rfl.MLP(digits.input_shape, 10).to(device)
+    # Random MNIST-shaped inputs suffice for timing: the cost does not depend on the pixels.
+    x_m = torch.rand(cnn_batch, 1, 28, 28, device=device)
+    y_m = torch.randint(0, 10, (cnn_batch,), device=device)
+    cnn = rfl.SmallCNN((1, 28, 28), 10).to(device)
+    return [
+        (f"digits MLP {tuple(x_d.shape)}", mlp, x_d, y_d, 0.1),
+        (f"MNIST-shaped CNN {tuple(x_m.shape)}", cnn, x_m, y_m, 0.3),
+    ]
+
+
+def bench_attacks(device: torch.device, steps: int, repeats: int, cnn_batch: int) -> list[dict]:
+    rows = []
+    for name, model, x, y, eps in cases(device, cnn_batch):
+        alpha = 2.5 * eps / steps
+        lib = rfl.PGD(eps, alpha=alpha, steps=steps, random_start=False)
+        ref_out, lib_out = reference_pgd(model, x, y, eps, alpha, steps), lib(model, x, y)
+        agree = (ref_out - lib_out).abs().max().item()
+        if agree > 1e-5:
+            raise AssertionError(f"{name}: library and reference PGD disagree by {agree}")
+        t_ref, t_lib = median_seconds(
+            [lambda: reference_pgd(model, x, y, eps, alpha, steps), lambda: lib(model, x, y)], repeats, device
+        )
+        rows.append(dict(case=name, steps=steps, ref=len(x) / t_ref, lib=len(x) / t_lib, ratio=t_ref / t_lib))
+    return rows
+
+
+def bench_training(device: torch.device, repeats: int, batch_size: int) -> dict:
+    mnist_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    if (mnist_dir / "t10k-images-idx3-ubyte.gz").exists():
+        data = rfl.load_dataset("mnist", root=mnist_dir, files="t10k", test_fraction=0.2)
+        x, y, source = data.x_train, data.y_train, "MNIST t10k, 8,000 train"
+    else:
+        x, y, source = torch.rand(8000, 1, 28, 28), torch.randint(0, 10, (8000,)), "random MNIST-shaped, 8,000"
+    model = rfl.SmallCNN((1, 28, 28), 10).to(device)
+    attack = rfl.PGD(0.3, alpha=0.01, steps=40)
+    x, y = x.to(device), y.to(device)
+
+    def epoch() -> None:
+        rfl.adversarial_train(model, x, y, attack, epochs=1, mix=1.0, lr=0.05, batch_size=batch_size)
+
+    (t,) = median_seconds([epoch], repeats, device)
+    return dict(source=source, seconds=t, examples_per_s=len(x) / t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cnn-batch", type=int, default=512)
+    parser.add_argument("--train", action="store_true", help="also time PGD-40 adversarial training on MNIST")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = rfl.get_device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
+          f"PGD-{args.steps}, median of {args.repeats} runs\n")
+    print(f"| case | reference (ex/s) | robustfl_lib (ex/s) | speed-up |")
+    print("|---|---:|---:|---:|")
+    for r in bench_attacks(device, args.steps, args.repeats, args.cnn_batch):
+        print(f"| {r['case']} | {r['ref']:,.0f} | {r['lib']:,.0f} | {r['ratio']:.2f}x |")
+    if args.train:
+        r = bench_training(device, max(1, args.repeats // 3), batch_size=128)
+        print(f"\nPGD-40 adversarial training of SmallCNN ({r['source']}), batch 128, one epoch: "
+              f"{r['seconds']:.1f} s, {r['examples_per_s']:,.0f} examples/s")
+
+
+if __name__ == "__main__":
+    main()
