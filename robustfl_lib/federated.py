@@ -2,19 +2,25 @@
 
 One round of FedAvg-style training (McMahan et al. 2017):
 
-1. the server samples participating clients and sends the global weights ``w``;
-2. each client trains locally and returns its update ``u_i = w_i - w`` (a delta);
-3. the server sets ``w <- w + A(u_1, ..., u_n)`` for an aggregator ``A``
-   (:mod:`robustfl_lib.aggregators`);
-4. the global model is evaluated on held-out test data.
+1. the server samples participating clients and sends the global weights ``w``
+   (:func:`select_participants`);
+2. each client trains locally and returns its update ``u_i = w_i - w``, a delta
+   (:func:`compute_client_updates`);
+3. Byzantine participants replace their update by an attack computed from the
+   honest participants' updates (:func:`apply_byzantine_attack`), unless the
+   attack is data poisoning (label flipping), which already acted in step 2;
+4. the server sets ``w <- w + A(u_1, ..., u_n)`` for an aggregator ``A``
+   (:mod:`robustfl_lib.aggregators`) and records what ``A`` kept (:func:`aggregate_round`);
+5. the global model is evaluated on held-out test data.
 
-The aggregator and the client update step are pluggable. Taught in chapter
-``00_introduction``.
+The aggregator, the attack and the client update step are pluggable. Taught in
+chapter ``00_introduction`` (FedAvg) and ``03_byzantine_threats`` (Byzantine clients).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -25,18 +31,42 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aggregators import Aggregator, get_aggregator
+from .byzantine import ByzantineAttack, DataPoisoning, get_attack
 from .data import Dataset, load_dataset, partition
 from .models import build_model
 from .params import flatten_state, load_vector_
 from .runtime import get_device, make_generator, set_seed
 from .training import evaluate, train
 
-__all__ = ["FLConfig", "FLResult", "ClientUpdate", "sgd_client_update", "run_federated"]
+__all__ = [
+    "FLConfig",
+    "FLResult",
+    "ClientUpdate",
+    "sgd_client_update",
+    "run_federated",
+    "byzantine_clients",
+    "select_participants",
+    "compute_client_updates",
+    "apply_byzantine_attack",
+    "aggregate_round",
+    "config_dict",
+]
+
+# Counting clients from a fraction: 0.2 * 10 must be 2 even though it is 2.0000000000000004.
+_EPS = 1e-9
 
 
 @dataclass
 class FLConfig:
-    """Settings of one federated run (all have defaults that run on digits in seconds)."""
+    """Settings of one federated run (all have defaults that run on digits in seconds).
+
+    Byzantine clients: ``byzantine_fraction`` of the ``num_clients`` clients
+    (rounded down) are Byzantine, the same ones all run (fixed by ``seed``);
+    ``byzantine_attack`` is a name from :data:`robustfl_lib.byzantine.ATTACKS`
+    (with ``attack_kwargs``) or an attack object. The aggregator tolerates
+    ``aggregator_f`` Byzantine clients; ``None`` derives it from the fraction:
+    ``floor(byzantine_fraction * clients per round)``.
+    """
 
     dataset: str = "digits"
     model: str = "mlp"
@@ -49,10 +79,31 @@ class FLConfig:
     lr: float = 0.2
     batch_size: int = 16
     aggregator: str | Aggregator = "mean"
+    aggregator_f: int | None = None  #: None: derived from byzantine_fraction
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
+    byzantine_fraction: float = 0.0
+    byzantine_attack: str | ByzantineAttack | DataPoisoning | None = None
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str | None = None
     progress: bool = True
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def participants_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def num_byzantine(self) -> int:
+        """How many of the clients are Byzantine: ``floor(byzantine_fraction * num_clients)``."""
+        return int(math.floor(self.byzantine_fraction * self.num_clients + _EPS))
+
+    @property
+    def resolved_aggregator_f(self) -> int:
+        """``aggregator_f``, or ``floor(byzantine_fraction * participants_per_round)``."""
+        if self.aggregator_f is not None:
+            return self.aggregator_f
+        return int(math.floor(self.byzantine_fraction * self.participants_per_round + _EPS))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
@@ -67,6 +118,15 @@ class FLConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.byzantine_fraction < 1:
+            raise ValueError(f"byzantine_fraction must be in [0, 1), got {self.byzantine_fraction}")
+        if self.num_byzantine > 0 and self.byzantine_attack is None:
+            raise ValueError(
+                f"byzantine_fraction={self.byzantine_fraction} makes {self.num_byzantine} client(s) Byzantine "
+                "but byzantine_attack is None; name an attack (e.g. 'sign_flip')"
+            )
+        if self.aggregator_f is not None and (isinstance(self.aggregator_f, bool) or self.aggregator_f < 0):
+            raise ValueError(f"aggregator_f must be an integer >= 0 or None, got {self.aggregator_f!r}")
 
 
 class ClientUpdate(Protocol):
@@ -86,15 +146,114 @@ def sgd_client_update(
 
 @dataclass
 class FLResult:
-    """The global model after the last round and one history record per round."""
+    """The global model after the last round and one history record per round.
+
+    Each record holds ``"round"``, ``"participants"`` (client ids),
+    ``"byzantine"`` (the Byzantine ones among them), ``"aggregation"`` (what
+    the aggregator kept, by client id: see :func:`aggregate_round`),
+    ``"update_norm"`` (norm of the applied aggregate) and the test metrics
+    ``"clean_accuracy"`` and ``"robust_accuracy"``.
+    """
 
     model: nn.Module
     history: list[dict[str, Any]]
     config: FLConfig
+    byzantine: list[int] = field(default_factory=list)  #: the Byzantine client ids
 
     def metric(self, key: str) -> np.ndarray:
         """One history column as an array, e.g. ``result.metric("clean_accuracy")``."""
         return np.array([h[key] for h in self.history], dtype=float)
+
+
+def byzantine_clients(num_clients: int, num_byzantine: int, seed: int) -> np.ndarray:
+    """The sorted ids of the Byzantine clients: a seeded random subset, fixed for a run.
+
+    Drawn from its own stream (``default_rng([seed, 1])``) so that adding
+    Byzantine clients does not change which clients participate each round.
+    """
+    if not 0 <= num_byzantine <= num_clients:
+        raise ValueError(f"num_byzantine must be in [0, {num_clients}], got {num_byzantine}")
+    return np.sort(np.random.default_rng([seed, 1]).choice(num_clients, size=num_byzantine, replace=False))
+
+
+def select_participants(rng: np.random.Generator, config: FLConfig) -> np.ndarray:
+    """This round's participating client ids (sorted), drawn from ``rng``."""
+    return np.sort(rng.choice(config.num_clients, size=config.participants_per_round, replace=False))
+
+
+def compute_client_updates(
+    model: nn.Module,
+    participants: np.ndarray,
+    train_mask: np.ndarray,
+    data: Dataset,
+    parts: list[torch.Tensor],
+    config: FLConfig,
+    rnd: int,
+    client_update: ClientUpdate,
+    poison: DataPoisoning | None = None,
+    poisoned_mask: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a copy of ``model`` for each participant with ``train_mask`` set and
+    return ``(updates, sample_counts)``: deltas ``(k, d)`` (rows of untrained
+    participants are zero, to be replaced by the attack) and ``(k,)`` counts.
+    Participants with ``poisoned_mask`` set train on ``poison``-ed data."""
+    device = next(model.parameters()).device
+    global_vec = flatten_state(model.state_dict())
+    updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=device)
+    counts = torch.tensor([len(parts[c]) for c in participants], dtype=global_vec.dtype, device=device)
+    for row, cid in enumerate(participants):
+        if not train_mask[row]:
+            continue
+        idx = parts[cid]
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
+            x, y = poison.poison(x, y, data.num_classes)
+        local = copy.deepcopy(model)
+        client_update(local, x, y, config, make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid)))
+        updates[row] = flatten_state(local.state_dict()) - global_vec
+    return updates, counts
+
+
+def apply_byzantine_attack(
+    updates: torch.Tensor, is_byzantine: np.ndarray, attack: ByzantineAttack, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace the Byzantine rows of ``updates`` by ``attack(honest rows, #Byzantine)``.
+
+    The attacker is omniscient: it sees every honest participant's update of
+    this round. With no honest participant it has nothing to imitate and sends zeros.
+    """
+    byz = torch.as_tensor(is_byzantine, dtype=torch.bool, device=updates.device)
+    num_byz = int(byz.sum())
+    if num_byz == 0:
+        return updates
+    out = updates.clone()
+    honest = updates[~byz]
+    out[byz] = attack(honest, num_byz, generator=generator) if len(honest) else 0.0
+    return out
+
+
+def aggregate_round(
+    aggregator: Aggregator, updates: torch.Tensor, counts: torch.Tensor, participants: np.ndarray
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The aggregate update and a JSON-friendly record of what the aggregator kept,
+    by client id: ``"selected"`` (clients a selection rule kept), ``"dropped"``
+    (clients whose non-finite update was dropped), and per participant, in
+    ``participants`` order, ``"kept_fraction"`` / ``"weights"`` when the rule
+    reports them; ``"iterations"`` for iterative rules."""
+    step = aggregator(updates, weights=counts)
+    info = getattr(aggregator, "last_info", {}) or {}
+    ids = [int(c) for c in participants]
+    record: dict[str, Any] = {}
+    if "selected" in info:
+        record["selected"] = [ids[i] for i in torch.as_tensor(info["selected"]).reshape(-1).tolist()]
+    if "dropped" in info:
+        record["dropped"] = [ids[i] for i in info["dropped"]]
+    for key in ("kept_fraction", "weights"):
+        if key in info:
+            record[key] = [round(float(v), 6) for v in info[key].tolist()]
+    if "iterations" in info:
+        record["iterations"] = int(info["iterations"])
+    return step, record
 
 
 def run_federated(
@@ -107,43 +266,60 @@ def run_federated(
 
     ``data`` skips loading ``config.dataset`` again; ``client_update`` replaces
     local SGD; ``callback`` receives each round's record as it is made.
+    Byzantine clients (``config.byzantine_fraction``) are drawn once by
+    :func:`byzantine_clients`; with an update attack they do not train, and
+    their rows are forged from the honest participants' updates each round;
+    with label flipping they train on flipped labels.
     """
     config.validate()
     set_seed(config.seed)
     device = get_device(config.device)
     data = data if data is not None else load_dataset(config.dataset, seed=config.seed, **config.dataset_kwargs)
     parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
-    aggregator = get_aggregator(config.aggregator)
+    aggregator = get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs)
+    if hasattr(aggregator, "requirement"):  # refuse an impossible n/f before any training
+        aggregator.requirement(config.participants_per_round, aggregator.f)
+    if hasattr(aggregator, "reset"):
+        aggregator.reset()
+    attack = None if config.byzantine_attack is None else get_attack(config.byzantine_attack, **config.attack_kwargs)
+    byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
+    poison = attack if isinstance(attack, DataPoisoning) else None
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     rng = np.random.default_rng(config.seed)
-    k = config.clients_per_round or config.num_clients
     history: list[dict[str, Any]] = []
     bar = tqdm(range(1, config.rounds + 1), desc="FL rounds", unit="round", disable=not config.progress)
     for rnd in bar:
-        participants = np.sort(rng.choice(config.num_clients, size=k, replace=False))
-        global_vec = flatten_state(model.state_dict())
-        deltas, counts = [], []
-        for cid in participants:
-            local = copy.deepcopy(model)
-            idx = parts[cid].to(device)
-            client_update(local, x_train[idx], y_train[idx], config, make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid)))
-            deltas.append(flatten_state(local.state_dict()) - global_vec)
-            counts.append(len(idx))
-        updates = torch.stack(deltas)
-        weights = torch.tensor(counts, dtype=updates.dtype, device=device)
-        load_vector_(model, global_vec + aggregator(updates, weights=weights))
-        record = {"round": rnd, "participants": participants.tolist(), **evaluate(model, data.x_test, data.y_test)}
+        participants = select_participants(rng, config)
+        is_byz = np.isin(participants, byzantine)
+        forged = is_byz if isinstance(attack, ByzantineAttack) else np.zeros_like(is_byz)
+        updates, counts = compute_client_updates(
+            model, participants, ~forged, data, parts, config, rnd, client_update, poison, is_byz
+        )
+        if forged.any():
+            gen = make_generator(config.seed * 7_919 + rnd)
+            updates = apply_byzantine_attack(updates, forged, attack, gen)
+        step, kept = aggregate_round(aggregator, updates, counts, participants)
+        load_vector_(model, flatten_state(model.state_dict()) + step)
+        record = {
+            "round": rnd,
+            "participants": participants.tolist(),
+            "byzantine": participants[is_byz].tolist(),
+            "aggregation": kept,
+            "update_norm": float(torch.linalg.vector_norm(step.double())),
+            **evaluate(model, data.x_test, data.y_test),
+        }
         history.append(record)
         bar.set_postfix(acc=f"{record['clean_accuracy']:.3f}")
         if callback is not None:
             callback(record)
-    return FLResult(model=model, history=history, config=config)
+    return FLResult(model=model, history=history, config=config, byzantine=byzantine.tolist())
 
 
 def config_dict(config: FLConfig) -> dict[str, Any]:
-    """``config`` as a plain dict (aggregator objects by their repr), for logs and checkpoints."""
+    """``config`` as a plain dict (aggregator and attack objects by their repr), for logs and checkpoints."""
     d = asdict(config)
-    if not isinstance(d["aggregator"], str):
-        d["aggregator"] = repr(config.aggregator)
+    for key in ("aggregator", "byzantine_attack"):
+        value = getattr(config, key)
+        if value is not None and not isinstance(value, str):
+            d[key] = repr(value)
     return d

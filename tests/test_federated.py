@@ -70,3 +70,87 @@ def test_bad_config_is_refused(digits):
         run_federated(FLConfig(num_clients=3, clients_per_round=5), data=digits)
     with pytest.raises(ValueError, match="lr must be > 0"):
         run_federated(FLConfig(lr=0), data=digits)
+
+
+# ---------------------------------------------------------------- Byzantine clients (chapter 03)
+
+from robustfl_lib import FLConfig as _FLConfig  # noqa: E402
+from robustfl_lib import Krum, LabelFlip, Median, byzantine_clients  # noqa: E402
+
+BYZ = dict(num_clients=10, rounds=3, lr=0.3, progress=False)
+
+
+def test_byzantine_clients_are_fixed_by_the_seed_and_recorded(digits):
+    cfg = dict(BYZ, byzantine_fraction=0.2, byzantine_attack="sign_flip", aggregator="krum", clients_per_round=6)
+    r = run_federated(_FLConfig(seed=3, **cfg), data=digits)
+    assert r.byzantine == byzantine_clients(10, 2, 3).tolist() and len(r.byzantine) == 2
+    assert r.byzantine == run_federated(_FLConfig(seed=3, **cfg), data=digits).byzantine
+    clean = run_federated(_FLConfig(seed=3, **dict(BYZ, clients_per_round=6)), data=digits)
+    for h, hc in zip(r.history, clean.history):
+        assert h["participants"] == hc["participants"]  # Byzantine clients do not change who participates
+        assert h["byzantine"] == [c for c in h["participants"] if c in r.byzantine]
+        assert len(h["aggregation"]["selected"]) == 1 and h["aggregation"]["selected"][0] in h["participants"]
+
+
+def test_f_is_derived_from_the_fraction_unless_given():
+    assert _FLConfig(byzantine_fraction=0.2, byzantine_attack="alie").resolved_aggregator_f == 2
+    assert _FLConfig(byzantine_fraction=0.3, byzantine_attack="alie", clients_per_round=5).resolved_aggregator_f == 1
+    assert _FLConfig(byzantine_fraction=0.2, byzantine_attack="alie", aggregator_f=0).resolved_aggregator_f == 0
+    assert _FLConfig(num_clients=15, byzantine_fraction=0.2, byzantine_attack="alie").num_byzantine == 3
+
+
+def test_byzantine_config_is_validated(digits):
+    with pytest.raises(ValueError, match="byzantine_attack is None"):
+        run_federated(_FLConfig(byzantine_fraction=0.2), data=digits)
+    with pytest.raises(ValueError, match=r"byzantine_fraction must be in \[0, 1\)"):
+        run_federated(_FLConfig(byzantine_fraction=1.0, byzantine_attack="ipm"), data=digits)
+    with pytest.raises(ValueError, match="unknown attack"):
+        run_federated(_FLConfig(byzantine_fraction=0.2, byzantine_attack="flip"), data=digits)
+    with pytest.raises(ValueError, match=r"n > 2f \+ 2"):  # refused before any training
+        run_federated(_FLConfig(num_clients=10, aggregator="krum", aggregator_f=4), data=digits)
+
+
+def test_krum_rejects_sign_flippers_that_sink_fedavg(digits):
+    cfg = dict(BYZ, rounds=4, byzantine_fraction=0.3, byzantine_attack="sign_flip", attack_kwargs={"scale": 3.0})
+    mean = run_federated(_FLConfig(aggregator="mean", **cfg), data=digits)
+    krum = run_federated(_FLConfig(aggregator="krum", **cfg), data=digits)
+    assert all(not set(h["aggregation"]["selected"]) & set(h["byzantine"]) for h in krum.history)
+    assert krum.metric("clean_accuracy")[-1] > 0.6 > mean.metric("clean_accuracy")[-1]
+
+
+def test_nonfinite_clients_stop_fedavg_but_not_the_median(digits):
+    cfg = dict(BYZ, rounds=2, byzantine_fraction=0.2, byzantine_attack="nonfinite")
+    with pytest.raises(ValueError, match="non-finite update"):
+        run_federated(_FLConfig(aggregator="mean", **cfg), data=digits)
+    r = run_federated(_FLConfig(aggregator=Median(), **cfg), data=digits)
+    assert all(sorted(h["aggregation"]["dropped"]) == h["byzantine"] for h in r.history)
+    assert all(len(h["aggregation"]["kept_fraction"]) == 10 for h in r.history)
+    assert torch.isfinite(torch.cat([p.flatten() for p in r.model.parameters()])).all()
+
+
+def test_label_flip_poisons_training_and_update_attacks_skip_it(digits):
+    seen = []
+
+    def recording_update(model, x, y, config, generator):
+        seen.append(y.clone())
+        sgd_client_update(model, x, y, config, generator)
+
+    cfg = dict(BYZ, rounds=1, byzantine_fraction=0.2, seed=0)
+    r = run_federated(_FLConfig(byzantine_attack=LabelFlip(), **cfg), data=digits, client_update=recording_update)
+    assert len(seen) == 10  # Byzantine clients train, on flipped labels
+    parts = __import__("robustfl_lib").partition(digits.y_train, 10, "iid", alpha=0.5, seed=0)
+    for cid, y in zip(r.history[0]["participants"], seen):
+        truth = digits.y_train[parts[cid]]
+        assert torch.equal(y, 9 - truth if cid in r.byzantine else truth)
+    seen.clear()
+    run_federated(_FLConfig(byzantine_attack="ipm", **cfg), data=digits, client_update=recording_update)
+    assert len(seen) == 8  # forged updates need no training
+
+
+def test_byzantine_runs_are_reproducible(digits):
+    cfg = dict(BYZ, rounds=2, byzantine_fraction=0.2, byzantine_attack="gaussian", aggregator=Krum(2), seed=4)
+    a = run_federated(_FLConfig(**cfg), data=digits)
+    b = run_federated(_FLConfig(**cfg), data=digits)
+    assert a.history == b.history
+    c = run_federated(_FLConfig(**dict(cfg, seed=5)), data=digits)
+    assert a.history != c.history
