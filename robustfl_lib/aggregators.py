@@ -22,7 +22,8 @@ Conventions shared by every robust rule (:class:`RobustAggregator`):
 * **What was kept.** After each call ``aggregator.last_info`` describes what the
   rule kept, in the input's row numbering: ``"selected"`` (row indices that a
   selection rule such as Krum kept), ``"kept_fraction"`` (per row, the fraction
-  of coordinates in which its value entered a coordinate-wise rule),
+  of coordinates in which its value entered a coordinate-wise rule; measured on
+  at most 65,536 evenly spaced coordinates),
   ``"weights"`` (per row, its weight in an output that is a weighted average of
   the rows), ``"scores"``, ``"iterations"``, ``"dropped"``. The FL loop records
   them per round (:func:`robustfl_lib.federated.run_federated`).
@@ -43,8 +44,10 @@ from .robust_stats import (
     check_updates,
     compute_dtype,
     coordinate_median,
+    finite_rows,
     pairwise_sq_distances,
     sort_columns,
+    sq_distances_to,
 )
 
 __all__ = [
@@ -133,7 +136,7 @@ class Mean(Aggregator):
     """
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        bad = ~torch.isfinite(updates).all(dim=1)
+        bad = ~finite_rows(updates)
         if bad.any():
             rows = bad.nonzero().flatten().tolist()
             raise ValueError(f"non-finite update from client row(s) {rows}; Mean is not robust to them")
@@ -159,7 +162,7 @@ class RobustAggregator(Aggregator):
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         n = updates.shape[0]
         self.requirement(n, self.f)
-        finite = torch.isfinite(updates).all(dim=1)
+        finite = finite_rows(updates)
         if bool(finite.all()):
             out, info = self.aggregate_finite(updates, weights, 0)
             info["dropped"] = []
@@ -186,8 +189,15 @@ class RobustAggregator(Aggregator):
         return out.to(updates.dtype)
 
 
+# kept_fraction is measured on at most this many evenly spaced coordinates (exact below it):
+# +-0.4% at worst, and it never costs more than the aggregation itself.
+_KEPT_SAMPLE = 1 << 16
+
+
 def _kept_fraction(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Per row, the fraction of coordinates where its value lies in ``[lo, hi]``."""
+    step = -(-x.shape[1] // _KEPT_SAMPLE)
+    x, lo, hi = x[:, ::step], lo[::step], hi[::step]
     return ((x >= lo) & (x <= hi)).sum(dim=1, dtype=torch.float64) / x.shape[1]
 
 
@@ -338,7 +348,9 @@ class MultiKrum(Krum):
         order, scores = self._ranked(updates, dropped)
         chosen = order[:m]
         ct = compute_dtype(updates.dtype)
-        return updates[chosen].to(ct).mean(dim=0), {"selected": chosen, "scores": scores}
+        # A weighted sum rather than updates[chosen].mean(0): no copy of the m chosen rows.
+        w = torch.zeros(n, dtype=ct, device=updates.device).index_fill_(0, chosen, 1.0 / m)
+        return w @ updates.to(ct), {"selected": chosen, "scores": scores}
 
 
 def _affine_sq_distances(dist: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -438,8 +450,11 @@ class CenteredClipping(RobustAggregator):
             v0 = self._previous.to(device=updates.device, dtype=updates.dtype)
         else:
             v0 = torch.zeros(d, dtype=updates.dtype, device=updates.device)
-        points = torch.cat([updates, v0[None]])  # row n is the starting centre
-        dist = pairwise_sq_distances(points)
+        # Squared distances among the rows and the starting centre (index n), without
+        # concatenating v0 to the (n, d) updates.
+        dist = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=updates.device)
+        dist[:n, :n] = pairwise_sq_distances(updates)
+        dist[n, :n] = dist[:n, n] = sq_distances_to(updates, v0)
         live = torch.isfinite(dist[n])
         live[n] = True
         d_live = dist[live][:, live]
@@ -456,7 +471,7 @@ class CenteredClipping(RobustAggregator):
         full = torch.zeros(n + 1, dtype=torch.float64, device=dist.device)
         full[live] = coef
         ct = compute_dtype(updates.dtype)
-        out = full.to(ct) @ points.to(ct)
+        out = full[:n].to(ct) @ updates.to(ct) + full[n].to(ct) * v0.to(ct)
         if self.init == "previous":
             self._previous = out.detach().clone()
         return out, {"weights": full[:n], "tau": float(tau)}

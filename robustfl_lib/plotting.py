@@ -69,3 +69,106 @@ def plot_history(histories: Mapping[str, Sequence[Mapping]], key: str = "clean_a
     if title:
         ax.set_title(title)
     return ax
+
+
+# ---------------------------------------------------------------- Byzantine chapters (03-08)
+
+__all__ += ["plot_aggregation_2d", "plot_accuracy_heatmap", "plot_attack_runs"]
+
+
+def plot_aggregation_2d(
+    honest: torch.Tensor,
+    byzantine: torch.Tensor,
+    aggregators: Mapping[str, object],
+    kept: str | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Honest (dots) and Byzantine (crosses) 2-D updates, the honest mean (+), and each
+    aggregator's output (stars). ``kept`` names one aggregator whose choice is drawn:
+    the updates a selection rule kept are ringed; for the median and the trimmed mean
+    the box spans, per coordinate, the values that were averaged. Chapters ``03``-``08``."""
+    from .aggregators import Median, TrimmedMean
+    from .robust_stats import sort_columns
+
+    ax = _axes(ax, (5, 4.2))
+    x = torch.cat([honest, byzantine]).float()
+    h, b = honest.detach().cpu().numpy(), byzantine.detach().cpu().numpy()
+    b = b[np.isfinite(b).all(axis=1)]
+    ax.scatter(h[:, 0], h[:, 1], s=22, color="C0", alpha=0.8, label="honest")
+    if len(b):
+        ax.scatter(b[:, 0], b[:, 1], s=70, color="C3", marker="x", linewidths=2, label="Byzantine")
+    mu = h.mean(axis=0)
+    ax.scatter([mu[0]], [mu[1]], s=120, color="black", marker="+", linewidths=2, label="honest mean", zorder=4)
+    for i, (name, agg) in enumerate(aggregators.items()):
+        out = agg(x).detach().cpu().numpy()
+        color = f"C{(i + 1) % 10}" if i + 1 != 3 else "C9"
+        ax.scatter([out[0]], [out[1]], s=200, marker="*", color=color, edgecolor="black", zorder=5, label=name)
+        if name == kept:
+            info = getattr(agg, "last_info", {})
+            if "selected" in info:
+                sel = x[info["selected"]].cpu().numpy()
+                ax.scatter(sel[:, 0], sel[:, 1], s=160, facecolors="none", edgecolors=color, linewidths=1.5,
+                           label=f"kept by {name}")
+            elif isinstance(agg, (Median, TrimmedMean)):
+                finite = x[torch.isfinite(x).all(dim=1)]
+                s = sort_columns(finite).cpu().numpy()
+                n = len(s)
+                f = (n - 1) // 2 if isinstance(agg, Median) else max(agg.f - (len(x) - n), 0)
+                lo, hi = s[f], s[n - 1 - f]
+                ax.add_patch(plt.Rectangle(lo, *(hi - lo), fill=True, alpha=0.15, color=color,
+                                           label=f"values averaged by {name}"))
+    ax.set_xlabel("coordinate 1")
+    ax.set_ylabel("coordinate 2")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_accuracy_heatmap(grid: Mapping[str, Mapping[str, object]], ax=None, title: str | None = None, last: int = 5):
+    """Final test accuracy (mean of the ``last`` rounds) per aggregator (rows) and attack
+    (columns); runs that failed (refused NaN, or diverged) are grey. Chapters ``03``-``08``."""
+    from .experiments import final_accuracy
+
+    from .experiments import RunFailure
+
+    rows, cols = list(grid), list(next(iter(grid.values())))
+    acc = np.array([[final_accuracy(grid[r][c], last) for c in cols] for r in rows])
+    ax = _axes(ax, (1.0 + 0.75 * len(cols), 0.8 + 0.45 * len(rows)))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("lightgray")
+    ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            run = grid[rows[i]][cols[j]]
+            ax.text(j, i, run.kind if isinstance(run, RunFailure) else f"{acc[i, j]:.2f}", ha="center", va="center",
+                    fontsize=7)
+    ax.set_xticks(range(len(cols)), [c.replace("_", " ") for c in cols], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_attack_runs(runs: Mapping[str, object], key: str = "clean_accuracy", ax=None, title: str | None = None):
+    """One line per attack: ``key`` against the round (failed runs dotted, up to their
+    last completed round). Chapters ``03``-``08``."""
+    from .experiments import RunFailure
+
+    ax = _axes(ax, (6, 3.5))
+    for i, (name, r) in enumerate(runs.items()):
+        style = dict(color="black", lw=2.5) if name == "none" else dict(color=f"C{i % 10}", lw=1.2)
+        if isinstance(r, RunFailure):
+            rounds = [h["round"] for h in r.history]
+            ax.plot(rounds, [h[key] for h in r.history], ls=":", label=f"{name.replace('_', ' ')} ({r.kind})", **style)
+            continue
+        ax.plot([h["round"] for h in r.history], [h[key] for h in r.history], label=name.replace("_", " "), **style)
+    ax.set_xlabel("round")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    if title:
+        ax.set_title(title)
+    return ax

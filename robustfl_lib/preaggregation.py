@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .robust_stats import check_updates, compute_dtype, pairwise_sq_distances
+from .robust_stats import check_updates, compute_dtype, finite_rows, pairwise_sq_distances
 
 __all__ = ["PreAggregator", "NNM", "Clipping", "PRE_AGGREGATORS", "check_f"]
 
@@ -37,7 +37,7 @@ class PreAggregator:
 
     def __call__(self, updates: torch.Tensor) -> torch.Tensor:
         check_updates(updates)
-        bad = ~torch.isfinite(updates).all(dim=1)
+        bad = ~finite_rows(updates)
         if bad.any():
             raise ValueError(
                 f"non-finite update in row(s) {bad.nonzero().flatten().tolist()}; "
@@ -110,8 +110,12 @@ class Clipping(PreAggregator):
         self.tau = tau
 
     def transform(self, updates: torch.Tensor, dropped: int) -> torch.Tensor:
-        # float64 accumulation: a huge (finite) float32 row must not overflow its own norm.
-        norms = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64)
+        norms = torch.linalg.vector_norm(updates, dim=1).double()
+        over = torch.isinf(norms)
+        if over.any():  # a huge finite row overflowed its norm: rescale it by its largest entry first
+            big = updates[over].double()
+            peak = big.abs().amax(dim=1, keepdim=True)
+            norms[over] = peak[:, 0] * torch.linalg.vector_norm(big / peak, dim=1)
         tau = norms.median() if self.tau is None else torch.tensor(float(self.tau), dtype=torch.float64, device=norms.device)
         scale = torch.where(norms > tau, tau / norms, torch.ones_like(norms))
         return (updates * scale.to(compute_dtype(updates.dtype))[:, None]).to(updates.dtype)

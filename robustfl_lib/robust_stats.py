@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["check_updates", "sort_columns", "coordinate_median", "pairwise_sq_distances", "compute_dtype"]
+__all__ = ["check_updates", "finite_rows", "sort_columns", "coordinate_median", "pairwise_sq_distances", "sq_distances_to",
+           "compute_dtype"]
 
 # Columns per block of the Gram accumulation: about 4 MiB of float32 per block keeps
 # the block in cache while it is centered and multiplied.
@@ -36,6 +37,21 @@ def check_updates(updates: torch.Tensor, what: str = "updates") -> torch.Tensor:
     if not torch.is_floating_point(updates):
         raise ValueError(f"{what} must be a floating-point tensor, got {updates.dtype}")
     return updates
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Which rows of ``x`` hold only finite values, as a ``(n,)`` bool tensor.
+
+    A NaN or an infinity makes its row's sum non-finite, so one reduction finds the
+    suspects and only they are checked entry by entry (a huge finite row can overflow
+    its sum, hence the check). The sum stays in ``x``'s dtype: asking for float64
+    would materialize a float64 copy of ``x``.
+    """
+    finite = torch.isfinite(x.sum(dim=1))
+    if not bool(finite.all()):
+        suspects = (~finite).nonzero().flatten()
+        finite[suspects] = torch.isfinite(x[suspects]).all(dim=1)
+    return finite
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,6 +101,19 @@ def _gram(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
         xb = xb - cb
         gram += (xb @ xb.T).double()
     return gram
+
+
+def sq_distances_to(x: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """``||x_i - point||^2`` for every row, float64 ``(n,)``, accumulated over column
+    blocks (no ``(n, d)`` temporary); an overflow gives ``inf``."""
+    n, d = x.shape
+    ct = compute_dtype(x.dtype)
+    out = torch.zeros(n, dtype=torch.float64, device=x.device)
+    block = max(1024, _BLOCK_ELEMENTS // n)
+    for start in range(0, d, block):
+        diff = x[:, start : start + block].to(ct) - point[start : start + block].to(ct)
+        out += diff.square().sum(dim=1).double()
+    return torch.nan_to_num(out, nan=torch.inf, posinf=torch.inf)
 
 
 def _distances_from_gram(gram: torch.Tensor) -> torch.Tensor:

@@ -309,6 +309,23 @@ def test_nonfinite_clients_never_make_a_robust_output_nonfinite(seed, n, d, kind
                 assert not set(rule.last_info[key].tolist()) & set(rows)
 
 
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 13), d=st.integers(1, 20),
+       value=st.sampled_from([1e30, -1e30, 3e38, -3e38]), data=st.data())
+def test_huge_finite_clients_never_make_a_robust_output_nonfinite(seed, n, d, value, data):
+    f = data.draw(st.integers(1, (n - 1) // 2))
+    k = data.draw(st.integers(1, f))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    rows = torch.randperm(n, generator=g)[:k].tolist()
+    x[rows] = value  # finite, but its square overflows float32
+    for rule in robust_rules(n, f):
+        out = rule(x)
+        assert torch.isfinite(out).all(), rule
+        if "selected" in rule.last_info and not isinstance(rule, Pipeline):
+            assert not set(rule.last_info["selected"].tolist()) & set(rows), rule
+
+
 def test_dropped_rows_lower_f_by_one_each():
     x = randn(9, 4, seed=6)
     bad = x.clone()

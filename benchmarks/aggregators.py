@@ -1,0 +1,229 @@
+"""Seconds per call of every aggregator against straightforward references.
+
+    python benchmarks/aggregators.py               # both settings, 5 repeats, 1 thread (a few minutes)
+    python benchmarks/aggregators.py --quick       # small sizes, to check that it runs
+
+Settings: (n, d) = (50, 1,000,000) and (200, 100,000) float32 updates, f = n / 5.
+References (what a first implementation would write):
+
+* Krum / Multi-Krum: the seed tutorial's pairwise Python double loop over clients
+  (``torch.norm(x_i - x_j)`` for every pair, then a per-row sort);
+* median / trimmed mean: a full per-coordinate ``torch.sort`` along the client
+  dimension (the seed's trimmed mean), and for transparency the same with NumPy's
+  SIMD sort, which the library's CPU path uses.
+
+Each timing is the median of ``--repeats`` calls after one warm-up call; the
+calls of all rules are interleaved, so a change in machine load hits them
+alike. NNM's peak memory is the growth of the process's maximum resident set
+size during one call (Linux ``VmHWM``, reset just before the call), measured in a
+fresh subprocess after the input exists; ``tracemalloc`` does not see torch's allocations.
+Goals (issue 4): Krum and Multi-Krum >= 5x the loop at n=50, d=1e6; median and
+trimmed mean no slower than the sort reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import robustfl_lib as rfl  # noqa: E402
+
+GOAL_KRUM_SPEEDUP = 5.0
+
+
+# ---------------------------------------------------------------- references
+
+
+def loop_krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
+    """The seed's Krum: a Python double loop over client pairs, then a sort per row
+    (with Blanchard et al.'s squared distances over the n - f - 2 nearest)."""
+    n = x.shape[0]
+    distances = torch.zeros(n, n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = torch.norm(x[i] - x[j]) ** 2
+            distances[i, j] = d
+            distances[j, i] = d
+    scores = []
+    for i in range(n):
+        sorted_d, _ = torch.sort(distances[i])
+        scores.append(sorted_d[1 : n - f - 1].sum())
+    return torch.stack(scores)
+
+
+def loop_krum(x: torch.Tensor, f: int) -> torch.Tensor:
+    return x[int(loop_krum_scores(x, f).argmin())]
+
+
+def loop_multi_krum(x: torch.Tensor, f: int) -> torch.Tensor:
+    chosen = torch.argsort(loop_krum_scores(x, f))[: x.shape[0] - f]
+    return x[chosen].mean(dim=0)
+
+
+def _sorted(x: torch.Tensor, numpy: bool) -> torch.Tensor:
+    return torch.from_numpy(np.sort(x.numpy(), axis=0)) if numpy else torch.sort(x, dim=0).values
+
+
+def sort_median(x: torch.Tensor, numpy: bool = False) -> torch.Tensor:
+    s = _sorted(x, numpy)
+    n = s.shape[0]
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
+def sort_trimmed_mean(x: torch.Tensor, f: int, numpy: bool = False) -> torch.Tensor:
+    s = _sorted(x, numpy)
+    return s[f : s.shape[0] - f].mean(dim=0)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def rules(f: int) -> dict[str, tuple[Callable, Callable | None, str]]:
+    """name -> (ours, reference or None, reference name)."""
+    return {
+        "mean": (rfl.Mean(), None, ""),
+        "median": (rfl.Median(), sort_median, "torch.sort"),
+        "median (numpy sort ref.)": (rfl.Median(), lambda x: sort_median(x, numpy=True), "np.sort"),
+        "trimmed_mean": (rfl.TrimmedMean(f), lambda x: sort_trimmed_mean(x, f), "torch.sort"),
+        "trimmed_mean (numpy sort ref.)": (rfl.TrimmedMean(f), lambda x: sort_trimmed_mean(x, f, True), "np.sort"),
+        "krum": (rfl.Krum(f), lambda x: loop_krum(x, f), "seed loop"),
+        "multi_krum": (rfl.MultiKrum(f), lambda x: loop_multi_krum(x, f), "seed loop"),
+        "geometric_median": (rfl.GeometricMedian(), None, ""),
+        "centered_clipping": (rfl.CenteredClipping(), None, ""),
+        "bulyan": (rfl.Bulyan(f), None, ""),
+        "nnm (pre-aggregation)": (rfl.NNM(f), None, ""),
+        "nnm+krum": (rfl.Pipeline(rfl.NNM(f), rfl.Krum(f)), None, ""),
+        "clipping (pre-aggregation)": (rfl.Clipping(), None, ""),
+    }
+
+
+def _time(fn: Callable, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+def bench(n: int, d: int, repeats: int, seed: int = 0) -> list[dict]:
+    f = n // 5
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:f] += 0.5  # f shifted rows, as Byzantine clients would be
+    table = rules(f)
+    checks = {}
+    for name, (ours, ref, _) in table.items():  # warm-up, and ours agrees with the reference
+        out = ours(x)
+        if ref is not None:
+            checks[name] = float((out - ref(x)).abs().max())
+    times: dict[str, list[float]] = {k: [] for k in table}
+    ref_times: dict[str, list[float]] = {k: [] for k, v in table.items() if v[1] is not None}
+    for _ in range(repeats):
+        for name, (ours, ref, _) in table.items():
+            times[name].append(_time(ours, x))
+            if ref is not None:
+                ref_times[name].append(_time(ref, x))
+    rows = []
+    for name, (_, ref, ref_name) in table.items():
+        row = {"n": n, "d": d, "f": f, "rule": name, "seconds": float(np.median(times[name]))}
+        if ref is not None:
+            row.update(reference=ref_name, reference_seconds=float(np.median(ref_times[name])),
+                       max_abs_diff=checks[name])
+            row["speedup"] = row["reference_seconds"] / row["seconds"]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(n: int, d: int, f: int) -> None:
+    """Print the growth of peak RSS during one NNM call (Linux: the peak is reset first
+    through /proc/self/clear_refs, so that importing torch does not hide it)."""
+    x = torch.randn(n, d)
+    x.sum()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _rss_mb("VmRSS")
+        rfl.NNM(f)(x)
+        growth = _rss_mb("VmHWM") - before
+    except (OSError, RuntimeError):  # not Linux: ru_maxrss, which may under-report
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rfl.NNM(f)(x)
+        growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    print(json.dumps({"input_mb": x.numel() * 4 / 2**20, "peak_growth_mb": growth}))
+
+
+def nnm_peak_memory(n: int, d: int, threads: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--nnm-peak", f"{n},{d}", "--threads", str(threads)],
+        capture_output=True, text=True, check=True,
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res.update(n=n, d=d, naive_nnd_mb=n * n * d * 4 / 2**20)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared CPU)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--nnm-peak", default=None, help=argparse.SUPPRESS)  # n,d: the memory subprocess
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.nnm_peak:
+        n, d = map(int, args.nnm_peak.split(","))
+        _peak_child(n, d, n // 5)
+        return
+    settings = [(50, 20_000), (40, 5_000)] if args.quick else [(50, 1_000_000), (200, 100_000)]
+    repeats = 2 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, median of {repeats} calls\n")
+    rows = []
+    for n, d in settings:
+        rows += bench(n, d, repeats)
+    print("| n | d | rule | seconds | reference | ref. seconds | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = (f"{r['reference']} | {r['reference_seconds']:.3f} | {r['speedup']:.1f}x" if "reference" in r
+               else " | | ")
+        print(f"| {r['n']} | {r['d']:,} | {r['rule']} | {r['seconds']:.3f} | {ref} |")
+    print()
+    mem = [nnm_peak_memory(n, d, args.threads) for n, d in settings]
+    for m in mem:
+        print(f"NNM peak memory at n={m['n']}, d={m['d']:,}: +{m['peak_growth_mb']:.0f} MB over a "
+              f"{m['input_mb']:.0f} MB input (an (n, n, d) array would need {m['naive_nnd_mb']:,.0f} MB)")
+    big = {r["rule"]: r for r in rows if (r["n"], r["d"]) == settings[0]}
+    print("\nGoals at n={}, d={:,}:".format(*settings[0]))
+    for name in ("krum", "multi_krum"):
+        ok = big[name]["speedup"] >= GOAL_KRUM_SPEEDUP
+        print(f"  {name}: {big[name]['speedup']:.1f}x the seed loop (goal >= {GOAL_KRUM_SPEEDUP:.0f}x): "
+              f"{'met' if ok else 'NOT met'}")
+    for r in rows:
+        if r["rule"] in ("median", "trimmed_mean"):
+            ok = r["seconds"] <= r["reference_seconds"]
+            print(f"  {r['rule']} at n={r['n']}: {r['seconds']:.3f} s vs torch.sort {r['reference_seconds']:.3f} s: "
+                  f"{'met' if ok else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "nnm_memory": mem}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
