@@ -121,6 +121,13 @@ class Aggregator:
     def reset(self) -> None:
         """Forget any state kept between calls (called at the start of every FL run)."""
 
+    def get_state(self) -> dict[str, Any]:
+        """State kept between calls, as tensors and plain values (saved in FL checkpoints)."""
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned (when an FL run resumes)."""
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith(("_", "last_")))
         return f"{type(self).__name__}({args})"
@@ -440,6 +447,12 @@ class CenteredClipping(RobustAggregator):
     def reset(self) -> None:
         self._previous = None
 
+    def get_state(self) -> dict[str, Any]:
+        return {"previous": self._previous}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._previous = state.get("previous")
+
     def aggregate_finite(self, updates, weights, dropped):
         n, d = updates.shape
         if self.init == "median":
@@ -558,6 +571,12 @@ class Pipeline(RobustAggregator):
 
     def reset(self) -> None:
         self.steps[-1].reset()
+
+    def get_state(self) -> dict[str, Any]:
+        return self.steps[-1].get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.steps[-1].set_state(state)
 
     def aggregate_finite(self, updates, weights, dropped):
         x = updates

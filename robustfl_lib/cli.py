@@ -85,8 +85,12 @@ def _values(args: argparse.Namespace, grid: bool) -> dict[str, list[Any]]:
         try:
             chosen[name] = [conv(p.strip()) for p in parts]
         except ValueError as err:
-            raise SystemExit(_error(f"--{name.replace('_', '-')}: {err}"))
+            raise _UsageError(f"--{name.replace('_', '-')}: {err}") from None
     return chosen
+
+
+class _UsageError(Exception):
+    """A bad option value: reported in one line, exit status 2."""
 
 
 def _error(message: str) -> int:
@@ -179,4 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _UsageError as err:
+        return _error(str(err))

@@ -11,10 +11,20 @@ One round of FedAvg-style training (McMahan et al. 2017):
    attack is data poisoning (label flipping), which already acted in step 2;
 4. the server sets ``w <- w + A(u_1, ..., u_n)`` for an aggregator ``A``
    (:mod:`robustfl_lib.aggregators`) and records what ``A`` kept (:func:`aggregate_round`);
-5. the global model is evaluated on held-out test data.
+5. the global model is evaluated on held-out test data: clean accuracy, and
+   robust accuracy under PGD when ``eval_eps`` is set.
+
+Clients train with plain SGD (``local_training="standard"``) or adversarially
+(``"adversarial"``: PGD inside every minibatch, :func:`robustfl_lib.training.adversarial_train`).
+With ``vectorized=True`` all participating clients of a round train in one batched
+computation (:mod:`robustfl_lib.vectorized`), equal to the client-by-client loop up
+to rounding. Participants may drop out (``dropout``). Every randomness is drawn from
+streams seeded by ``seed``, and a run can be checkpointed every ``checkpoint_every``
+rounds and resumed to exactly the model and history of an uninterrupted run.
 
 The aggregator, the attack and the client update step are pluggable. Taught in
-chapter ``00_introduction`` (FedAvg) and ``03_byzantine_threats`` (Byzantine clients).
+chapter ``00_introduction`` (FedAvg), ``03_byzantine_threats`` (Byzantine clients)
+and ``09_robust_federated_learning`` (the whole pipeline).
 """
 
 from __future__ import annotations
@@ -30,19 +40,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pathlib import Path
+
+import torch.nn.functional as F
+
 from .aggregators import Aggregator, get_aggregator
+from .attacks import PGD
 from .byzantine import ByzantineAttack, DataPoisoning, get_attack
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset, partition
 from .models import build_model
 from .params import flatten_state, load_vector_
 from .runtime import get_device, make_generator, set_seed
-from .training import evaluate, train
+from .training import adversarial_train, evaluate, train
+from .vectorized import StackedModel, train_stacked
 
 __all__ = [
     "FLConfig",
     "FLResult",
     "ClientUpdate",
     "sgd_client_update",
+    "adversarial_client_update",
     "run_federated",
     "byzantine_clients",
     "select_participants",
@@ -84,6 +102,19 @@ class FLConfig:
     byzantine_fraction: float = 0.0
     byzantine_attack: str | ByzantineAttack | DataPoisoning | None = None
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    local_training: str = "standard"  #: "standard" or "adversarial" (PGD inside each local minibatch)
+    adv_eps: float = 0.1  #: local adversarial training: PGD budget
+    adv_steps: int = 5  #: ... PGD steps
+    adv_alpha: float | None = None  #: ... PGD step size (None: 2.5 * eps / steps)
+    adv_norm: str = "linf"  #: ... "linf" or "l2"
+    adv_mix: float = 0.5  #: ... weight of the adversarial loss (0.5: the seed's 50/50; 1.0: Madry et al.)
+    adv_random_start: bool = True
+    eval_eps: float | None = None  #: robust accuracy under PGD at this budget on the test split (None: skip)
+    eval_steps: int = 10  #: ... PGD steps of that evaluation
+    eval_every: int = 1  #: evaluate every k rounds (and always after the last)
+    dropout: float = 0.0  #: probability that a participant does not answer in a round
+    vectorized: bool = True  #: train a round's clients in one batched computation
+    checkpoint_every: int = 1  #: with a checkpoint_dir, save every k rounds (and after the last)
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -127,6 +158,28 @@ class FLConfig:
             )
         if self.aggregator_f is not None and (isinstance(self.aggregator_f, bool) or self.aggregator_f < 0):
             raise ValueError(f"aggregator_f must be an integer >= 0 or None, got {self.aggregator_f!r}")
+        if self.local_training not in ("standard", "adversarial"):
+            raise ValueError(f"local_training must be 'standard' or 'adversarial', got {self.local_training!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.adv_mix <= 1:
+            raise ValueError(f"adv_mix must be in [0, 1], got {self.adv_mix}")
+        for name in ("eval_every", "checkpoint_every", "adv_steps", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_training == "adversarial":
+            self.local_attack()  # raises ValueError for a bad eps, steps or norm
+        if self.eval_eps is not None:
+            self.eval_attack()
+
+    def local_attack(self, generator: torch.Generator | None = None) -> PGD:
+        """The PGD attack of local adversarial training."""
+        return PGD(eps=self.adv_eps, alpha=self.adv_alpha, steps=self.adv_steps, norm=self.adv_norm,
+                   random_start=self.adv_random_start, generator=generator)
+
+    def eval_attack(self) -> PGD:
+        """The PGD attack that measures robust accuracy (same seed every round, so rounds compare)."""
+        return PGD(eps=self.eval_eps, steps=self.eval_steps, norm=self.adv_norm, seed=self.seed)
 
 
 class ClientUpdate(Protocol):
@@ -142,6 +195,38 @@ def sgd_client_update(
 ) -> None:
     """Local SGD for ``config.local_epochs`` epochs (the FedAvg client)."""
     train(model, x, y, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, generator=generator)
+
+
+def adversarial_client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+) -> None:
+    """Local adversarial training: ``config.local_epochs`` epochs of PGD training
+    (``config.adv_*``) mixing clean and adversarial loss with weight ``config.adv_mix``."""
+    # PGD's random starts get their own stream, so the client's minibatch order is that of plain SGD.
+    attack = config.local_attack(generator=make_generator(generator.initial_seed() ^ 0x5DEECE66D))
+    adversarial_train(model, x, y, attack, epochs=config.local_epochs, mix=config.adv_mix, lr=config.lr,
+                      batch_size=config.batch_size, generator=generator)
+
+
+def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator):
+    """Per-sample loss of local adversarial training for :func:`train_stacked` (the vectorized path)."""
+    attack = config.local_attack(generator=generator)
+    mix = config.adv_mix
+
+    def loss(model: StackedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if mix == 0.0:
+            return F.cross_entropy(model(x), y, reduction="none")
+        x_adv = attack(model.detached(), x, y)
+        adv = F.cross_entropy(model(x_adv), y, reduction="none")
+        if mix == 1.0:
+            return adv
+        return (1.0 - mix) * F.cross_entropy(model(x), y, reduction="none") + mix * adv
+
+    return loss
+
+
+def _client_generator(config: FLConfig, rnd: int, cid: int) -> torch.Generator:
+    return make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid))
 
 
 @dataclass
@@ -189,29 +274,58 @@ def compute_client_updates(
     parts: list[torch.Tensor],
     config: FLConfig,
     rnd: int,
-    client_update: ClientUpdate,
+    client_update: ClientUpdate | None = None,
     poison: DataPoisoning | None = None,
     poisoned_mask: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train a copy of ``model`` for each participant with ``train_mask`` set and
     return ``(updates, sample_counts)``: deltas ``(k, d)`` (rows of untrained
     participants are zero, to be replaced by the attack) and ``(k,)`` counts.
-    Participants with ``poisoned_mask`` set train on ``poison``-ed data."""
+    Participants with ``poisoned_mask`` set train on ``poison``-ed data.
+
+    ``client_update=None`` trains as ``config.local_training`` says, batched
+    across clients when ``config.vectorized`` (and the model has no buffers);
+    a custom ``client_update`` runs client by client."""
     device = next(model.parameters()).device
     global_vec = flatten_state(model.state_dict())
     updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=device)
     counts = torch.tensor([len(parts[c]) for c in participants], dtype=global_vec.dtype, device=device)
-    for row, cid in enumerate(participants):
-        if not train_mask[row]:
-            continue
-        idx = parts[cid]
+    rows = [r for r in range(len(participants)) if train_mask[r]]
+    if not rows:
+        return updates, counts
+    xs, ys = [], []
+    for row in rows:
+        idx = parts[participants[row]]
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
         if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
             x, y = poison.poison(x, y, data.num_classes)
-        local = copy.deepcopy(model)
-        client_update(local, x, y, config, make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid)))
-        updates[row] = flatten_state(local.state_dict()) - global_vec
+        xs.append(x)
+        ys.append(y)
+    gens = [_client_generator(config, rnd, participants[row]) for row in rows]
+    if client_update is None and config.vectorized and _stackable(model):
+        sample_loss = None
+        if config.local_training == "adversarial":
+            sample_loss = _adversarial_sample_loss(config, make_generator(config.seed * 6_113 + rnd))
+        trained = train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr,
+                                batch_size=config.batch_size, generators=gens, sample_loss=sample_loss)
+        updates[rows] = trained.to(updates.dtype) - global_vec
+    else:
+        if client_update is None:
+            client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
+        for row, x, y, gen in zip(rows, xs, ys, gens):
+            local = copy.deepcopy(model)
+            client_update(local, x, y, config, gen)
+            updates[row] = flatten_state(local.state_dict()) - global_vec
+    if poison is not None and poisoned_mask is not None and hasattr(poison, "boost"):
+        # Model-replacement boosting of a backdoor client's own update (Bagdasaryan et al. 2020).
+        boosted = [r for r in rows if poisoned_mask[r]]
+        updates[boosted] = updates[boosted] * poison.boost
     return updates, counts
+
+
+def _stackable(model: nn.Module) -> bool:
+    state = model.state_dict()
+    return all(torch.is_floating_point(v) for v in state.values()) and len(state) == len(list(model.parameters()))
 
 
 def apply_byzantine_attack(
@@ -259,17 +373,25 @@ def aggregate_round(
 def run_federated(
     config: FLConfig,
     data: Dataset | None = None,
-    client_update: ClientUpdate = sgd_client_update,
+    client_update: ClientUpdate | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> FLResult:
     """Simulate ``config.rounds`` rounds of federated training; same seed, same history.
 
     ``data`` skips loading ``config.dataset`` again; ``client_update`` replaces
-    local SGD; ``callback`` receives each round's record as it is made.
-    Byzantine clients (``config.byzantine_fraction``) are drawn once by
-    :func:`byzantine_clients`; with an update attack they do not train, and
-    their rows are forged from the honest participants' updates each round;
-    with label flipping they train on flipped labels.
+    the built-in local training (and runs client by client); ``callback``
+    receives each round's record as it is made. Byzantine clients
+    (``config.byzantine_fraction``) are drawn once by :func:`byzantine_clients`;
+    with an update attack they do not train, and their rows are forged from the
+    honest participants' updates each round; with data poisoning they train on
+    poisoned data.
+
+    With ``checkpoint_dir``, the state after every ``config.checkpoint_every``
+    rounds is saved to ``checkpoint_dir/checkpoint.pt`` (tensors and plain values
+    only: it loads with ``weights_only=True``); ``resume=True`` continues from
+    it, and ends with exactly the model and history of an uninterrupted run.
     """
     config.validate()
     set_seed(config.seed)
@@ -287,32 +409,87 @@ def run_federated(
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
     rng = np.random.default_rng(config.seed)
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(1, config.rounds + 1), desc="FL rounds", unit="round", disable=not config.progress)
+    start = 1
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+    if resume:
+        if ckpt is None:
+            raise ValueError("resume=True needs the checkpoint_dir to resume from")
+        state = load_checkpoint(ckpt, map_location=device)
+        saved, now = state["config"], _comparable(config)
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        if diff:
+            raise ValueError(f"the checkpoint in {checkpoint_dir} was made with other settings: {diff}")
+        model.load_state_dict(state["model"])
+        history = list(state["history"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if hasattr(aggregator, "set_state"):
+            aggregator.set_state(state["aggregator"])
+        start = int(state["round"]) + 1
+    eval_attack = config.eval_attack() if config.eval_eps is not None else None
+    bar = tqdm(range(start, config.rounds + 1), desc="FL rounds", unit="round", disable=not config.progress)
     for rnd in bar:
         participants = select_participants(rng, config)
-        is_byz = np.isin(participants, byzantine)
-        forged = is_byz if isinstance(attack, ByzantineAttack) else np.zeros_like(is_byz)
-        updates, counts = compute_client_updates(
-            model, participants, ~forged, data, parts, config, rnd, client_update, poison, is_byz
-        )
-        if forged.any():
-            gen = make_generator(config.seed * 7_919 + rnd)
-            updates = apply_byzantine_attack(updates, forged, attack, gen)
-        step, kept = aggregate_round(aggregator, updates, counts, participants)
-        load_vector_(model, flatten_state(model.state_dict()) + step)
-        record = {
-            "round": rnd,
-            "participants": participants.tolist(),
-            "byzantine": participants[is_byz].tolist(),
-            "aggregation": kept,
-            "update_norm": float(torch.linalg.vector_norm(step.double())),
-            **evaluate(model, data.x_test, data.y_test),
-        }
+        answered = np.random.default_rng([config.seed, 3, rnd]).random(len(participants)) >= config.dropout
+        dropped_out = participants[~answered].tolist()
+        participants = participants[answered]
+        record: dict[str, Any] = {"round": rnd, "participants": participants.tolist(), "dropped_out": dropped_out}
+        quorum_error = _quorum_error(aggregator, len(participants))
+        if quorum_error:  # too few answered for the aggregator's f: the global model stays as it is
+            record.update(byzantine=[], aggregation={"skipped": quorum_error}, update_norm=0.0)
+        else:
+            is_byz = np.isin(participants, byzantine)
+            forged = is_byz if isinstance(attack, ByzantineAttack) else np.zeros_like(is_byz)
+            updates, counts = compute_client_updates(
+                model, participants, ~forged, data, parts, config, rnd, client_update, poison, is_byz
+            )
+            if forged.any():
+                gen = make_generator(config.seed * 7_919 + rnd)
+                updates = apply_byzantine_attack(updates, forged, attack, gen)
+            step, kept = aggregate_round(aggregator, updates, counts, participants)
+            load_vector_(model, flatten_state(model.state_dict()) + step)
+            record.update(byzantine=participants[is_byz].tolist(), aggregation=kept,
+                          update_norm=float(torch.linalg.vector_norm(step.double())))
+        if rnd % config.eval_every == 0 or rnd == config.rounds:
+            record.update(evaluate(model, data.x_test, data.y_test, attack=eval_attack))
+        else:
+            record.update(clean_accuracy=None, robust_accuracy=None)
         history.append(record)
-        bar.set_postfix(acc=f"{record['clean_accuracy']:.3f}")
+        if record["clean_accuracy"] is not None:
+            bar.set_postfix(acc=f"{record['clean_accuracy']:.3f}")
         if callback is not None:
             callback(record)
+        if ckpt is not None and (rnd % config.checkpoint_every == 0 or rnd == config.rounds):
+            save_checkpoint(ckpt, {
+                "round": rnd,
+                "model": model.state_dict(),
+                "history": history,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "aggregator": aggregator.get_state() if hasattr(aggregator, "get_state") else {},
+                "config": _comparable(config),
+            })
     return FLResult(model=model, history=history, config=config, byzantine=byzantine.tolist())
+
+
+def _quorum_error(aggregator: Aggregator, answered: int) -> str | None:
+    """Why ``answered`` updates are too few to aggregate this round, or ``None``."""
+    if answered == 0:
+        return "no participant answered"
+    if hasattr(aggregator, "requirement"):
+        try:
+            aggregator.requirement(answered, aggregator.f)
+        except ValueError as err:
+            return f"only {answered} participant(s) answered: {err}"
+    return None
+
+
+def _comparable(config: FLConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the checkpoint (all but rounds, progress, device)."""
+    d = config_dict(config)
+    for key in ("rounds", "progress", "device", "checkpoint_every"):
+        d.pop(key)
+    return {k: (repr(v) if isinstance(v, (tuple, dict)) else v) for k, v in d.items()}
 
 
 def config_dict(config: FLConfig) -> dict[str, Any]:
