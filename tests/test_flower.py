@@ -333,22 +333,27 @@ def test_label_flipping_client_trains_on_flipped_labels(small_setting, digits):
 
 
 def test_flower_simulation_reproduces_run_federated(digits):
-    """A few clients (one Byzantine), two rounds, in Flower's simulation engine (Ray):
-    the same numbers as the in-process simulation, bit for bit."""
-    cfg = dict(dataset="digits", num_clients=5, rounds=2, partition="dirichlet", alpha=0.5, lr=0.3,
-               aggregator="trimmed_mean", byzantine_fraction=0.2, byzantine_attack="alie", progress=False)
-    start = time.perf_counter()
-    flower = run_flower_simulation(rfl.FLConfig(**cfg), num_cpus=2)
-    elapsed = time.perf_counter() - start
-    # Ray workers compute with one thread; so does the reference (float sums depend on the thread count)
+    """Five clients (one Byzantine, four sampled per round, some dropping out), adversarial local
+    training, two rounds, in Flower's simulation engine (Ray): the same participants and the same
+    numbers as the in-process simulation's client-by-client path, bit for bit."""
+    cfg = dict(dataset="digits", num_clients=5, clients_per_round=4, dropout=0.2, rounds=2, partition="dirichlet",
+               alpha=0.5, lr=0.3, aggregator="trimmed_mean", byzantine_fraction=0.2, byzantine_attack="alie",
+               local_training="adversarial", adv_steps=2, eval_eps=0.1, eval_steps=3, progress=False)
+    # Ray workers compute with one thread; so do the server and the reference here, since
+    # float sums depend on the thread count
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = rfl.run_federated(rfl.FLConfig(**cfg), data=digits)
+        start = time.perf_counter()
+        flower = run_flower_simulation(rfl.FLConfig(**cfg), num_cpus=2)
+        elapsed = time.perf_counter() - start
+        local = rfl.run_federated(rfl.FLConfig(vectorized=False, **cfg), data=digits)
     finally:
         torch.set_num_threads(threads)
     assert flower.byzantine == local.byzantine and len(flower.byzantine) == 1
-    for key in ("round", "participants", "byzantine", "aggregation", "update_norm", "clean_accuracy"):
+    assert sum(len(h["dropped_out"]) for h in local.history) > 0, "the setting should exercise dropouts"
+    for key in ("round", "participants", "dropped_out", "byzantine", "aggregation", "update_norm",
+                "clean_accuracy", "robust_accuracy"):
         assert [h[key] for h in flower.history] == [h[key] for h in local.history], key
     for p, q in zip(flower.model.parameters(), local.model.parameters()):
         assert torch.equal(p, q)

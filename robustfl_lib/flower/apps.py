@@ -21,7 +21,8 @@ from .simulation import make_server_app
 
 __all__ = ["server_app", "client_app"]
 
-#: The ServerApp: RobustStrategy with the run config's aggregator, sample counts ignored.
-server_app = make_server_app(collude=False)
+#: The ServerApp: RobustStrategy with the run config's aggregator, sample counts ignored,
+#: Flower's own node sampling (devices come and go; there is no fixed partition map).
+server_app = make_server_app(collude=False, same_participants=False)
 #: The ClientApp: honest or (``byzantine=true`` in the node config) a local-knowledge attacker.
 client_app = make_client_app(knowledge="local")

@@ -108,6 +108,12 @@ def make_client_app(
         content = RecordDict({"arrays": state_to_record(model.state_dict()), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        # RobustStrategy(select=...) asks once which partition each node holds.
+        metrics = MetricRecord({CLIENT_ID_KEY: int(context.node_config["partition-id"])})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
     return app
 
 

@@ -10,9 +10,12 @@ Chapter ``14_scaling_out_with_flower``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..aggregators import Aggregator, get_aggregator
+from ..attacks import PGD
 from ..byzantine import ByzantineAttack, DataPoisoning, get_attack
-from ..federated import ClientUpdate, FLConfig, sgd_client_update
+from ..federated import ClientUpdate, FLConfig, adversarial_client_update, select_participants, sgd_client_update
 from ..federated import byzantine_clients as _byzantine_ids
 
 __all__ = [
@@ -23,6 +26,8 @@ __all__ = [
     "local_update_for",
     "attack_for",
     "aggregator_for",
+    "eval_attack_for",
+    "round_participants",
 ]
 
 
@@ -48,8 +53,29 @@ def attack_seed(seed: int, server_round: int) -> int:
 
 
 def local_update_for(config: FLConfig) -> ClientUpdate:
-    """The honest client's local step for ``config`` (standard or adversarial training)."""
+    """The honest client's local step: ``config.local_training`` is ``"standard"`` (SGD) or
+    ``"adversarial"`` (PGD adversarial training with ``config.adv_*``), the client-by-client
+    step of ``run_federated`` (its ``vectorized`` path computes the same, batched)."""
+    if config.local_training == "adversarial":
+        return adversarial_client_update
+    if config.local_training != "standard":
+        raise ValueError(f"local_training must be 'standard' or 'adversarial', got {config.local_training!r}")
     return sgd_client_update
+
+
+def eval_attack_for(config: FLConfig) -> PGD | None:
+    """The PGD attack that measures robust accuracy on the test split (``config.eval_eps``), or None."""
+    return config.eval_attack() if config.eval_eps is not None else None
+
+
+def round_participants(config: FLConfig, rng: np.random.Generator, server_round: int) -> tuple[list[int], list[int]]:
+    """``(answering, dropped_out)`` partition ids of round ``server_round``: the participants
+    :func:`~robustfl_lib.federated.select_participants` draws from ``rng`` (seeded with
+    ``config.seed``, one call per round, in order), less those that drop out with
+    probability ``config.dropout``, from the same per-round stream as ``run_federated``."""
+    participants = select_participants(rng, config)
+    answered = np.random.default_rng([config.seed, 3, server_round]).random(len(participants)) >= config.dropout
+    return participants[answered].tolist(), participants[~answered].tolist()
 
 
 def attack_for(config: FLConfig) -> ByzantineAttack | DataPoisoning | None:

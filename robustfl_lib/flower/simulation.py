@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,7 +31,7 @@ from ..runtime import get_device, set_seed
 from ..training import evaluate
 from .client import make_client_app
 from .config import cached_dataset, config_from_run_config
-from .federation import aggregator_for, attack_for, byzantine_clients
+from .federation import aggregator_for, attack_for, byzantine_clients, eval_attack_for, round_participants
 from .strategy import Collusion, RobustStrategy, record_to_state, state_to_record
 
 __all__ = ["make_server_app", "run_flower_simulation"]
@@ -42,6 +42,7 @@ def make_server_app(
     data: Dataset | None = None,
     weighting: str = "equal",
     collude: bool = True,
+    same_participants: bool = True,
     callback: Callable[[dict[str, Any]], None] | None = None,
     store: dict[str, Any] | None = None,
 ) -> ServerApp:
@@ -51,7 +52,11 @@ def make_server_app(
     :class:`~robustfl_lib.flower.strategy.RobustStrategy`. With ``collude`` and a
     Byzantine fraction the server simulates the omniscient attackers'
     :class:`~robustfl_lib.flower.strategy.Collusion` on flagged replies (harmless when
-    the Byzantine clients attack with local knowledge: nothing is flagged). The evaluation
+    the Byzantine clients attack with local knowledge: nothing is flagged). With
+    ``same_participants`` each round trains the partitions
+    :func:`~robustfl_lib.federated.select_participants` draws, as in ``run_federated``
+    (the strategy learns which node holds which partition first); without it Flower
+    samples the nodes. The evaluation
     record of each round goes to ``callback``; ``store`` (a dict) receives the
     ``"history"``, the final ``"state"`` and the ``"strategy"``.
     """
@@ -68,11 +73,20 @@ def make_server_app(
         aggregator = aggregator_for(cfg)
         attack = attack_for(cfg)
         collusion = Collusion(attack, seed=cfg.seed) if collude and isinstance(attack, ByzantineAttack) else None
+        byzantine = set(byzantine_clients(cfg))
+        rng = np.random.default_rng(cfg.seed)  # the participants run_federated draws, round by round
+        dropped_out: dict[int, list[int]] = {}
+
+        def select(server_round: int) -> list[int]:
+            answering, dropped_out[server_round] = round_participants(cfg, rng, server_round)
+            return answering
+
         strategy = RobustStrategy(
             aggregator=aggregator, f=aggregator.f, weighting=weighting, collusion=collusion,
             fraction_train=k / n, min_train_nodes=k, min_available_nodes=n,
+            select=select if same_participants else None,
         )
-        byzantine = set(byzantine_clients(cfg))
+        eval_attack = eval_attack_for(cfg)
         history: list[dict[str, Any]] = []
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -82,9 +96,14 @@ def make_server_app(
             done = strategy.rounds[-1] if strategy.rounds else {}
             participants = done.get("participants", [])
             record = {"round": server_round, "participants": participants,
-                      "byzantine": [c for c in participants if c in byzantine],
-                      "aggregation": done.get("aggregation", {}), "update_norm": done.get("update_norm", 0.0),
-                      **evaluate(model, ds.x_test, ds.y_test)}
+                      "dropped_out": dropped_out.get(server_round, []),
+                      "byzantine": [] if "skipped" in done.get("aggregation", {}) else
+                                   [c for c in participants if c in byzantine],
+                      "aggregation": done.get("aggregation", {}), "update_norm": done.get("update_norm", 0.0)}
+            if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+                record.update(evaluate(model, ds.x_test, ds.y_test, attack=eval_attack))
+            else:
+                record.update(clean_accuracy=None, robust_accuracy=None)
             if done.get("failures"):
                 record["failures"] = list(done["failures"])
             history.append(record)
@@ -110,6 +129,8 @@ def _quiet(verbose: bool) -> Iterator[None]:
     if not verbose:
         logger.setLevel(logging.ERROR)
         os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"  # silences a FutureWarning per actor
+        # Importing Ray in a notebook logs a hint about ipywidgets (rich output we do not use).
+        logging.getLogger("ray.widgets.util").setLevel(logging.WARNING)
     try:
         yield
     finally:

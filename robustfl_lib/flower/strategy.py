@@ -23,9 +23,10 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from ..aggregators import Aggregator, get_aggregator
@@ -174,11 +175,17 @@ class RobustStrategy(FedAvg):
 
     Replies are checked one by one: an error reply, a reply without exactly one
     ``ArrayRecord``, or one whose arrays do not have the global model's keys and shapes is
-    dropped (and counted in :attr:`rounds`) rather than failing the round; non-finite
+    dropped (and counted in :attr:`rounds`) rather than failing the round; when fewer
+    usable replies remain than the rule's ``f`` needs, the round is skipped and the model
+    kept, as ``run_federated`` does on dropouts; non-finite
     values are passed on, for the aggregator to tolerate (robust rules) or reject
     (:class:`~robustfl_lib.Mean` raises). Rows are ordered by the clients' reported
     ``partition-id`` (then node id) so that a seeded simulation gives the same numbers
-    every run. The step and the record of what the rule kept come from
+    every run. ``select(server_round) -> partition ids`` replaces Flower's node sampling:
+    before the first round the strategy asks every node for its partition id (a ``query``
+    message), then sends each round's training messages to the nodes of the selected
+    partitions, which is how the simulation samples exactly the participants
+    :func:`~robustfl_lib.run_federated` samples. The step and the record of what the rule kept come from
     :func:`~robustfl_lib.federated.aggregate_round`, as in the in-process simulation.
     :attr:`rounds` keeps, per round, the participants, the rows flagged for collusion,
     the failures, ``"aggregation"``, ``"update_norm"`` and, with ``keep_updates``, the
@@ -193,6 +200,7 @@ class RobustStrategy(FedAvg):
         weighting: str = "equal",
         collusion: Collusion | None = None,
         keep_updates: bool = False,
+        select: Callable[[int], Iterable[int]] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if weighting not in WEIGHTINGS:
@@ -208,7 +216,9 @@ class RobustStrategy(FedAvg):
         self.weighting = weighting
         self.collusion = collusion
         self.keep_updates = keep_updates
+        self.select = select
         self.rounds: list[dict[str, Any]] = []
+        self._nodes_by_partition: dict[int, int] | None = None
         self._sent: dict[int, dict[str, torch.Tensor]] = {}
 
     def summary(self) -> None:
@@ -221,7 +231,33 @@ class RobustStrategy(FedAvg):
     ) -> Iterable[Message]:
         # Remember what was sent: the deltas are taken against it, not against what clients claim.
         self._sent = {server_round: record_to_state(arrays)}
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.select is None:
+            return super().configure_train(server_round, arrays, config, grid)
+        nodes = self._partition_map(grid)
+        chosen = [int(c) for c in self.select(server_round)]
+        missing = [c for c in chosen if c not in nodes]
+        if missing:
+            raise RuntimeError(f"round {server_round}: no node holds partition(s) {missing}")
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, [nodes[c] for c in chosen], MessageType.TRAIN)
+
+    def _partition_map(self, grid: Grid) -> dict[int, int]:
+        """partition id -> node id, asked once of every node (``min_available_nodes`` of them)."""
+        if self._nodes_by_partition is None:
+            _, node_ids = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)  # waits for them
+            query = RecordDict({self.configrecord_key: ConfigRecord({"robustfl": "partition-id"})})
+            replies = grid.send_and_receive(self._construct_messages(query, node_ids, MessageType.QUERY))
+            mapping: dict[int, int] = {}
+            for msg in replies:
+                if msg.has_error():
+                    raise RuntimeError(f"node {msg.metadata.src_node_id} failed the partition query: {msg.error.reason}")
+                pid = int(next(iter(msg.content.metric_records.values()))[CLIENT_ID_KEY])
+                if pid in mapping:
+                    raise RuntimeError(f"nodes {mapping[pid]} and {msg.metadata.src_node_id} both hold partition {pid}")
+                mapping[pid] = msg.metadata.src_node_id
+            self._nodes_by_partition = mapping
+        return self._nodes_by_partition
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -252,12 +288,18 @@ class RobustStrategy(FedAvg):
             metrics.append(m)
         for reason in failures:
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
-        record: dict[str, Any] = {"round": server_round, "failures": failures}
+        record: dict[str, Any] = {"round": server_round, "failures": failures, "participants": [], "flagged": [],
+                                  "update_norm": 0.0}
         self.rounds.append(record)
-        if not rows:
-            log(WARNING, "round %d: no usable reply; the global model is unchanged", server_round)
-            return None, None
         perm = sorted(range(len(rows)), key=lambda i: order[i])
+        # Participants by partition id where the node has one (simulation), else by node id.
+        ids = [order[i][1] for i in perm]
+        record["participants"] = ids
+        skipped = self._quorum_error(len(rows))
+        if skipped:  # too few usable replies for the rule's f: the global model stays as it is
+            log(WARNING, "round %d: %s; the global model is unchanged", server_round, skipped)
+            record["aggregation"] = {"skipped": skipped}
+            return None, None
         updates = torch.stack([rows[i] for i in perm])
         byzantine = torch.tensor([flags[i] for i in perm], dtype=torch.bool)
         if self.collusion is not None:
@@ -265,15 +307,24 @@ class RobustStrategy(FedAvg):
         weights = sample_weights(torch.tensor([counts[i] for i in perm], dtype=torch.float64), self.weighting)
         if weights is not None:
             weights = weights.to(updates.dtype)
-        # Participants by partition id where the node has one (simulation), else by node id.
-        ids = [order[i][1] for i in perm]
         step, kept = aggregate_round(self.aggregator, updates, weights, ids)
-        record.update(participants=ids, flagged=[c for c, b in zip(ids, byzantine.tolist()) if b],
+        record.update(flagged=[c for c, b in zip(ids, byzantine.tolist()) if b],
                       aggregation=kept, update_norm=float(torch.linalg.vector_norm(step.double())))
         if self.keep_updates:
             record.update(updates=updates, weights=weights, step=step)
         new_state = unflatten_state(global_vec + step, global_state)
         return state_to_record(new_state), _metric_mean([metrics[i] for i in perm])
+
+    def _quorum_error(self, answered: int) -> str | None:
+        """Why ``answered`` usable replies are too few to aggregate, or None (as in ``run_federated``)."""
+        if answered == 0:
+            return "no participant answered"
+        if hasattr(self.aggregator, "requirement"):
+            try:
+                self.aggregator.requirement(answered, self.aggregator.f)
+            except ValueError as err:
+                return f"only {answered} participant(s) answered: {err}"
+        return None
 
     @staticmethod
     def _check_reply(msg: Message, global_state: dict[str, torch.Tensor], keys: list[str]) -> str | None:
