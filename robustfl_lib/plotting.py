@@ -73,7 +73,7 @@ def plot_history(histories: Mapping[str, Sequence[Mapping]], key: str = "clean_a
 
 # ---------------------------------------------------------------- Byzantine chapters (03-08)
 
-__all__ += ["plot_aggregation_2d", "plot_accuracy_heatmap", "plot_attack_runs"]
+__all__ += ["plot_aggregation_2d", "plot_accuracy_heatmap", "plot_attack_runs", "plot_attack_bars"]
 
 
 def plot_aggregation_2d(
@@ -86,8 +86,9 @@ def plot_aggregation_2d(
 ):
     """Honest (dots) and Byzantine (crosses) 2-D updates, the honest mean (+), and each
     aggregator's output (stars). ``kept`` names one aggregator whose choice is drawn:
-    the updates a selection rule kept are ringed; for the median and the trimmed mean
-    the box spans, per coordinate, the values that were averaged. Chapters ``03``-``08``."""
+    the updates a selection rule kept are ringed; for a weighted average (geometric median,
+    centered clipping) the ring's area is the row's weight; for the median and the trimmed
+    mean the box spans, per coordinate, the values that were averaged. Chapters ``03``-``08``."""
     from .aggregators import Median, TrimmedMean
     from .robust_stats import sort_columns
 
@@ -110,6 +111,11 @@ def plot_aggregation_2d(
                 sel = x[info["selected"]].cpu().numpy()
                 ax.scatter(sel[:, 0], sel[:, 1], s=160, facecolors="none", edgecolors=color, linewidths=1.5,
                            label=f"kept by {name}")
+            elif "weights" in info:  # a weighted average of the rows: ring area ~ weight
+                w = info["weights"].detach().cpu().numpy()[: len(x)]
+                xs = x.cpu().numpy()
+                ax.scatter(xs[:, 0], xs[:, 1], s=600 * len(xs) * w / max(w.sum(), 1e-12) / 4, facecolors="none",
+                           edgecolors=color, linewidths=1.2, label=f"weight in {name}")
             elif isinstance(agg, (Median, TrimmedMean)):
                 finite = x[torch.isfinite(x).all(dim=1)]
                 s = sort_columns(finite).cpu().numpy()
@@ -118,6 +124,9 @@ def plot_aggregation_2d(
                 lo, hi = s[f], s[n - 1 - f]
                 ax.add_patch(plt.Rectangle(lo, *(hi - lo), fill=True, alpha=0.15, color=color,
                                            label=f"values averaged by {name}"))
+                if isinstance(agg, Median):  # half of the values on each side, per coordinate
+                    ax.axvline(out[0], color=color, ls="--", lw=1)
+                    ax.axhline(out[1], color=color, ls="--", lw=1)
     ax.set_xlabel("coordinate 1")
     ax.set_ylabel("coordinate 2")
     ax.grid(alpha=0.3)
@@ -169,6 +178,31 @@ def plot_attack_runs(runs: Mapping[str, object], key: str = "clean_accuracy", ax
     ax.set_ylabel(key.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_attack_bars(runs: Mapping[str, object], ax=None, title: str | None = None, last: int = 5):
+    """Final test accuracy (mean of the ``last`` rounds) under each attack, one bar per
+    attack, the no-attack run (``"none"``) as a dashed line; failed runs are marked.
+    Chapters ``04``-``08``."""
+    from .experiments import RunFailure, final_accuracy
+
+    names = [k for k in runs if k != "none"]
+    acc = [final_accuracy(runs[k], last) for k in names]
+    ax = _axes(ax, (0.6 * len(names) + 1.5, 3.2))
+    bars = ax.bar(range(len(names)), np.nan_to_num(acc), color=[f"C{i % 10}" for i in range(1, len(names) + 1)])
+    for bar, k, a in zip(bars, names, acc):
+        label = runs[k].kind if isinstance(runs[k], RunFailure) else f"{a:.2f}"
+        ax.text(bar.get_x() + bar.get_width() / 2, max(np.nan_to_num(a), 0) + 0.01, label, ha="center",
+                va="bottom", fontsize=7)
+    if "none" in runs:
+        ax.axhline(final_accuracy(runs["none"], last), color="black", ls="--", lw=1.2, label="no attack")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_xticks(range(len(names)), [k.replace("_", " ") for k in names], rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel(f"test accuracy (last {last} rounds)")
     if title:
         ax.set_title(title)
     return ax
