@@ -191,8 +191,8 @@ def test_malformed_and_error_replies_are_dropped_not_fatal():
     replies = _replies(strategy, gs, deltas)
     ins = list(strategy.configure_train(1, state_to_record(gs), ConfigRecord(), StubGrid([7, 8])))
     bad_shape = dict(gs, w=torch.zeros(2, 2))
-    replies[1] = Message(RecordDict({"arrays": state_to_record(bad_shape), "metrics": MetricRecord({CLIENT_ID_KEY: 1})}),
-                         reply_to=ins[0])
+    bad = RecordDict({"arrays": state_to_record(bad_shape), "metrics": MetricRecord({CLIENT_ID_KEY: 1})})
+    replies[1] = Message(bad, reply_to=ins[0])
     replies[2] = Message(RecordDict({"metrics": MetricRecord({CLIENT_ID_KEY: 2})}), reply_to=ins[1])
     arrays, _ = strategy.aggregate_train(1, replies)
     torch.testing.assert_close(_step(gs, arrays), deltas[[0, 3]].mean(0), rtol=1e-5, atol=1e-6)
@@ -315,6 +315,27 @@ def test_byzantine_client_apps(small_setting, digits):
         make_client_app(cfg, knowledge="psychic")
     with pytest.raises(ValueError, match="partition-id"):
         make_client_app(cfg)(msg, _context(9, 4))
+
+
+def test_deployment_apps_read_the_run_config(small_setting, digits):
+    """On devices the ClientApp has no FLConfig object: it reads the run config and its node config."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from robustfl_lib.flower import apps
+
+    assert isinstance(apps.server_app, ServerApp) and isinstance(apps.client_app, ClientApp)
+    cfg, model, parts = small_setting
+    msg = _train_message(model.state_dict(), server_round=3)
+    ctx = _context(2, 4)
+    ctx.run_config = config_to_run_config(cfg)
+    on_device = apps.client_app(msg, ctx).content
+    in_simulation = make_client_app(cfg)(msg, _context(2, 4)).content
+    assert torch.equal(rfl.flatten_state(record_to_state(on_device["arrays"])),
+                       rfl.flatten_state(record_to_state(in_simulation["arrays"])))
+    ctx.run_config = {**config_to_run_config(cfg), "learning-rate": 0.1}
+    with pytest.raises(ValueError, match="learning-rate"):
+        apps.client_app(msg, ctx)
 
 
 def test_label_flipping_client_trains_on_flipped_labels(small_setting, digits):

@@ -36,8 +36,10 @@ from .federation import (
     attack_seed,
     byzantine_clients,
     client_seed,
+    eval_attack_for,
     local_update_for,
     num_byzantine,
+    round_participants,
 )
 from .simulation import make_server_app, run_flower_simulation
 from .strategy import (
@@ -72,6 +74,8 @@ __all__ = [
     "attack_for",
     "attack_seed",
     "aggregator_for",
+    "eval_attack_for",
+    "round_participants",
     "record_to_state",
     "state_to_record",
     "BYZANTINE_KEY",

@@ -71,6 +71,9 @@ def make_client_app(
     ``knowledge`` and ``local_shards`` choose how Byzantine nodes build their update
     (module docstring). ``claimed_examples`` makes Byzantine nodes report that many
     samples, to test that the server's weighting does not believe them.
+
+    Attacks: ALIE (Baruch et al. 2019), IPM (Xie et al. 2020), ...; adversarial training:
+    Madry et al. (2018). Chapter ``14_scaling_out_with_flower``.
     """
     if knowledge not in KNOWLEDGE:
         raise ValueError(f"unknown knowledge {knowledge!r}; choose one of {KNOWLEDGE}")

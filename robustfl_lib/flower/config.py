@@ -38,6 +38,8 @@ def config_to_run_config(config: FLConfig) -> dict[str, bool | int | float | str
     ``None`` fields are left out (TOML has no null; the default applies); a field that
     holds an object (an aggregator instance) or a non-empty dict raises ``ValueError``,
     since a run config cannot carry it to other machines.
+
+    Chapter ``14_scaling_out_with_flower``.
     """
     out: dict[str, bool | int | float | str] = {}
     for f in dataclasses.fields(config):
@@ -56,6 +58,8 @@ def config_from_run_config(run_config: Mapping[str, Any], **overrides: Any) -> F
     Keys are FLConfig fields in kebab-case; ints are accepted for float fields. An unknown
     key raises ``ValueError`` naming it, so a typo in ``pyproject.toml`` fails at the first
     round instead of silently running the default. ``progress`` is off.
+
+    Chapter ``14_scaling_out_with_flower``.
     """
     types = _field_types()
     values: dict[str, Any] = {"progress": False}
@@ -80,7 +84,10 @@ def _dataset(name: str, seed: int, kwargs: tuple[tuple[str, Any], ...]) -> Datas
 
 def cached_dataset(config: FLConfig) -> Dataset:
     """``load_dataset`` for ``config``, loaded once per process (a Flower node or Ray actor
-    serves many rounds and, in simulation, many clients)."""
+    serves many rounds and, in simulation, many clients).
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return _dataset(config.dataset, config.seed, tuple(sorted(config.dataset_kwargs.items())))
 
 
@@ -92,7 +99,10 @@ def _partition(name: str, seed: int, kwargs, num_clients: int, scheme: str, alph
 
 def cached_partition(config: FLConfig, data: Dataset | None = None) -> list[torch.Tensor]:
     """The clients' index sets for ``config``, exactly as :func:`~robustfl_lib.run_federated`
-    draws them (same function, same seed)."""
+    draws them (same function, same seed).
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     if data is not None:
         return partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
     return _partition(config.dataset, config.seed, tuple(sorted(config.dataset_kwargs.items())),

@@ -32,30 +32,45 @@ __all__ = [
 
 
 def num_byzantine(config: FLConfig) -> int:
-    """How many of the ``config.num_clients`` clients are Byzantine (``config.num_byzantine``)."""
+    """How many of the ``config.num_clients`` clients are Byzantine (``config.num_byzantine``).
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return config.num_byzantine
 
 
 def byzantine_clients(config: FLConfig) -> list[int]:
-    """The partition ids of the Byzantine clients: the seeded subset ``run_federated`` draws."""
+    """The partition ids of the Byzantine clients: the seeded subset ``run_federated`` draws.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return [int(c) for c in _byzantine_ids(config.num_clients, config.num_byzantine, config.seed)]
 
 
 def client_seed(config: FLConfig, server_round: int, client: int) -> int:
     """Seed of client ``client``'s generator in round ``server_round`` (rounds count from 1),
-    as in :func:`~robustfl_lib.federated.compute_client_updates`."""
+    as in :func:`~robustfl_lib.federated.compute_client_updates`.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return config.seed * 100_003 + server_round * 1_009 + int(client)
 
 
 def attack_seed(seed: int, server_round: int) -> int:
-    """Seed of the attack's generator in round ``server_round``, as in ``run_federated``."""
+    """Seed of the attack's generator in round ``server_round``, as in ``run_federated``.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return seed * 7_919 + server_round
 
 
 def local_update_for(config: FLConfig) -> ClientUpdate:
     """The honest client's local step: ``config.local_training`` is ``"standard"`` (SGD) or
     ``"adversarial"`` (PGD adversarial training with ``config.adv_*``), the client-by-client
-    step of ``run_federated`` (its ``vectorized`` path computes the same, batched)."""
+    step of ``run_federated`` (its ``vectorized`` path computes the same, batched).
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     if config.local_training == "adversarial":
         return adversarial_client_update
     if config.local_training != "standard":
@@ -64,7 +79,10 @@ def local_update_for(config: FLConfig) -> ClientUpdate:
 
 
 def eval_attack_for(config: FLConfig) -> PGD | None:
-    """The PGD attack that measures robust accuracy on the test split (``config.eval_eps``), or None."""
+    """The PGD attack that measures robust accuracy on the test split (``config.eval_eps``), or None.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return config.eval_attack() if config.eval_eps is not None else None
 
 
@@ -72,14 +90,20 @@ def round_participants(config: FLConfig, rng: np.random.Generator, server_round:
     """``(answering, dropped_out)`` partition ids of round ``server_round``: the participants
     :func:`~robustfl_lib.federated.select_participants` draws from ``rng`` (seeded with
     ``config.seed``, one call per round, in order), less those that drop out with
-    probability ``config.dropout``, from the same per-round stream as ``run_federated``."""
+    probability ``config.dropout``, from the same per-round stream as ``run_federated``.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     participants = select_participants(rng, config)
     answered = np.random.default_rng([config.seed, 3, server_round]).random(len(participants)) >= config.dropout
     return participants[answered].tolist(), participants[~answered].tolist()
 
 
 def attack_for(config: FLConfig) -> ByzantineAttack | DataPoisoning | None:
-    """The attack the config names (``byzantine_attack`` with ``attack_kwargs``), or None."""
+    """The attack the config names (``byzantine_attack`` with ``attack_kwargs``), or None.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     if config.byzantine_attack is None:
         return None
     return get_attack(config.byzantine_attack, **config.attack_kwargs)
@@ -87,7 +111,10 @@ def attack_for(config: FLConfig) -> ByzantineAttack | DataPoisoning | None:
 
 def aggregator_for(config: FLConfig) -> Aggregator:
     """The aggregator with ``f = config.resolved_aggregator_f``, its ``n``/``f`` requirement
-    checked for the clients per round and its state reset, as ``run_federated`` builds it."""
+    checked for the clients per round and its state reset, as ``run_federated`` builds it.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     aggregator = get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs)
     if hasattr(aggregator, "requirement"):
         aggregator.requirement(config.participants_per_round, aggregator.f)

@@ -59,6 +59,8 @@ def make_server_app(
     samples the nodes. The evaluation
     record of each round goes to ``callback``; ``store`` (a dict) receives the
     ``"history"``, the final ``"state"`` and the ``"strategy"``.
+
+    Chapter ``14_scaling_out_with_flower``.
     """
     app = ServerApp()
 
@@ -166,6 +168,8 @@ def run_flower_simulation(
     settings wholesale. A ClientApp that raises fails the whole run with a
     ``RuntimeError`` naming the dropped replies: in a simulation a failed client is a bug,
     not a dropout.
+
+    Flower: Beutel et al. (2020). Chapter ``14_scaling_out_with_flower``.
     """
     from flwr.simulation import run_simulation
 

@@ -92,12 +92,15 @@ def sample_weights(counts: torch.Tensor, weighting: str = "equal") -> torch.Tens
 
 
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A model's ``state_dict`` as a Flower ``ArrayRecord`` (CPU copies, order kept)."""
+    """A model's ``state_dict`` as a Flower ``ArrayRecord`` (CPU copies, order kept).
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
     return ArrayRecord.from_torch_state_dict({k: v.detach().cpu() for k, v in state.items()})
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """A Flower ``ArrayRecord`` as a ``state_dict`` of writable CPU tensors."""
+    """A Flower ``ArrayRecord`` as a ``state_dict`` of writable CPU tensors. Chapter ``14_scaling_out_with_flower``."""
     return {k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()}
 
 
@@ -251,7 +254,8 @@ class RobustStrategy(FedAvg):
             mapping: dict[int, int] = {}
             for msg in replies:
                 if msg.has_error():
-                    raise RuntimeError(f"node {msg.metadata.src_node_id} failed the partition query: {msg.error.reason}")
+                    node = msg.metadata.src_node_id
+                    raise RuntimeError(f"node {node} failed the partition query: {msg.error.reason}")
                 pid = int(next(iter(msg.content.metric_records.values()))[CLIENT_ID_KEY])
                 if pid in mapping:
                     raise RuntimeError(f"nodes {mapping[pid]} and {msg.metadata.src_node_id} both hold partition {pid}")
