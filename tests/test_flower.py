@@ -4,6 +4,7 @@ the ClientApps train as run_federated's clients, and a small Flower simulation r
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -362,7 +363,7 @@ def test_flower_simulation_reproduces_run_federated(digits):
                local_training="adversarial", adv_steps=2, eval_eps=0.1, eval_steps=3, progress=False)
     # Ray workers compute with one thread; so do the server and the reference here, since
     # float sums depend on the thread count
-    threads = torch.get_num_threads()
+    threads, pythonpath = torch.get_num_threads(), os.environ.get("PYTHONPATH")
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
@@ -379,3 +380,4 @@ def test_flower_simulation_reproduces_run_federated(digits):
     for p, q in zip(flower.model.parameters(), local.model.parameters()):
         assert torch.equal(p, q)
     assert elapsed < 120, f"the Flower simulation took {elapsed:.0f} s"
+    assert os.environ.get("PYTHONPATH") == pythonpath, "the simulation must leave the environment as it found it"

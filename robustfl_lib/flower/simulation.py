@@ -124,10 +124,12 @@ def make_server_app(
 
 @contextlib.contextmanager
 def _quiet(verbose: bool) -> Iterator[None]:
-    """Flower and Ray log every round at INFO; keep errors only unless ``verbose``."""
+    """Flower and Ray log every round at INFO; keep errors only unless ``verbose``. Flower's Ray
+    backend also rewrites ``PYTHONPATH`` for its workers; it is restored afterwards."""
     logger = logging.getLogger("flwr")
     level = logger.level
     old_env = os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+    old_path = os.environ.get("PYTHONPATH")
     if not verbose:
         logger.setLevel(logging.ERROR)
         os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"  # silences a FutureWarning per actor
@@ -137,6 +139,10 @@ def _quiet(verbose: bool) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
         if old_env is None:
             os.environ.pop("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", None)
         else:
