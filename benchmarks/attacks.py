@@ -56,9 +56,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCK = time.perf_counter
+
+
 def median_seconds(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
-    """Median wall time of each of ``fns``, timed interleaved (A, B, A, B, ...) after one warm-up
-    call each, so a change in the machine's load hits every contender alike."""
+    """Median time of each of ``fns``, timed interleaved (A, B, B, A, A, B, ...) after one warm-up
+    call each, so a change in the machine's load hits every contender alike. ``CLOCK`` is wall
+    time, or with ``--clock cpu`` this process's CPU time (robust to other processes on a shared
+    machine when running on one thread)."""
     for fn in fns:
         fn()  # warm-up: allocator, kernels, lazy initialisation
     times: list[list[float]] = [[] for _ in fns]
@@ -66,32 +71,32 @@ def median_seconds(fns: list[Callable[[], object]], repeats: int, device: torch.
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             _sync(device)
-            start = time.perf_counter()
+            start = CLOCK()
             fns[i]()
             _sync(device)
-            times[i].append(time.perf_counter() - start)
+            times[i].append(CLOCK() - start)
     return [statistics.median(t) for t in times]
 
 
-def cases(device: torch.device, cnn_batch: int) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, float]]:
+def cases(device: torch.device, cnn_batches: list[int]) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, float]]:
     torch.manual_seed(0)
     digits = rfl.load_dataset("digits", seed=0)
     x_d = torch.cat([digits.x_train, digits.x_test]).to(device)
     y_d = torch.cat([digits.y_train, digits.y_test]).to(device)
     mlp = rfl.MLP(digits.input_shape, 10).to(device)
-    # Random MNIST-shaped inputs suffice for timing: the cost does not depend on the pixels.
-    x_m = torch.rand(cnn_batch, 1, 28, 28, device=device)
-    y_m = torch.randint(0, 10, (cnn_batch,), device=device)
+    out = [(f"digits MLP {tuple(x_d.shape)}", mlp, x_d, y_d, 0.1)]
     cnn = rfl.SmallCNN((1, 28, 28), 10).to(device)
-    return [
-        (f"digits MLP {tuple(x_d.shape)}", mlp, x_d, y_d, 0.1),
-        (f"MNIST-shaped CNN {tuple(x_m.shape)}", cnn, x_m, y_m, 0.3),
-    ]
+    for n in cnn_batches:
+        # Random MNIST-shaped inputs suffice for timing: the cost does not depend on the pixels.
+        x_m = torch.rand(n, 1, 28, 28, device=device)
+        y_m = torch.randint(0, 10, (n,), device=device)
+        out.append((f"MNIST-shaped CNN {tuple(x_m.shape)}", cnn, x_m, y_m, 0.3))
+    return out
 
 
-def bench_attacks(device: torch.device, steps: int, repeats: int, cnn_batch: int) -> list[dict]:
+def bench_attacks(device: torch.device, steps: int, repeats: int, cnn_batches: list[int]) -> list[dict]:
     rows = []
-    for name, model, x, y, eps in cases(device, cnn_batch):
+    for name, model, x, y, eps in cases(device, cnn_batches):
         alpha = 2.5 * eps / steps
         lib = rfl.PGD(eps, alpha=alpha, steps=steps, random_start=False)
         ref_out, lib_out = reference_pgd(model, x, y, eps, alpha, steps), lib(model, x, y)
@@ -105,13 +110,13 @@ def bench_attacks(device: torch.device, steps: int, repeats: int, cnn_batch: int
     return rows
 
 
-def bench_training(device: torch.device, repeats: int, batch_size: int) -> dict:
+def bench_training(device: torch.device, repeats: int, batch_size: int, n: int) -> dict:
     mnist_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
     if (mnist_dir / "t10k-images-idx3-ubyte.gz").exists():
         data = rfl.load_dataset("mnist", root=mnist_dir, files="t10k", test_fraction=0.2)
-        x, y, source = data.x_train, data.y_train, "MNIST t10k, 8,000 train"
+        x, y, source = data.x_train[:n], data.y_train[:n], f"MNIST t10k, {min(n, len(data.x_train)):,} train images"
     else:
-        x, y, source = torch.rand(8000, 1, 28, 28), torch.randint(0, 10, (8000,)), "random MNIST-shaped, 8,000"
+        x, y, source = torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,)), f"random MNIST-shaped, {n:,} images"
     model = rfl.SmallCNN((1, 28, 28), 10).to(device)
     attack = rfl.PGD(0.3, alpha=0.01, steps=40)
     x, y = x.to(device), y.to(device)
@@ -128,21 +133,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (for a shared CPU, with --threads 1)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--cnn-batch", type=int, default=512)
+    parser.add_argument("--cnn-batch", type=int, nargs="+", default=[128, 512], help="CNN batch sizes")
     parser.add_argument("--train", action="store_true", help="also time PGD-40 adversarial training on MNIST")
+    parser.add_argument("--train-n", type=int, default=8000, help="training images for --train")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = rfl.get_device(args.device)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-          f"PGD-{args.steps}, median of {args.repeats} runs\n")
+          f"PGD-{args.steps}, median of {args.repeats} runs, {args.clock} clock\n")
     print(f"| case | reference (ex/s) | robustfl_lib (ex/s) | speed-up |")
     print("|---|---:|---:|---:|")
     for r in bench_attacks(device, args.steps, args.repeats, args.cnn_batch):
         print(f"| {r['case']} | {r['ref']:,.0f} | {r['lib']:,.0f} | {r['ratio']:.2f}x |")
     if args.train:
-        r = bench_training(device, max(1, args.repeats // 3), batch_size=128)
+        r = bench_training(device, max(1, args.repeats // 3), batch_size=128, n=args.train_n)
         print(f"\nPGD-40 adversarial training of SmallCNN ({r['source']}), batch 128, one epoch: "
               f"{r['seconds']:.1f} s, {r['examples_per_s']:,.0f} examples/s")
 

@@ -24,6 +24,15 @@ from robustfl_lib import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one CPU thread is fastest, and on a busy machine a second one costs ten times more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(shape: tuple[int, ...], seed: int = 0, dropout: bool = True) -> nn.Module:
     """A small MLP for any input shape, with a dropout layer so that train/eval mode matters."""
     torch.manual_seed(seed)
