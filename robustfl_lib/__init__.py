@@ -9,6 +9,7 @@ from .attacks import *  # noqa: F401,F403
 from .backdoor import *  # noqa: F401,F403
 from .byzantine import *  # noqa: F401,F403
 from .checkpoint import *  # noqa: F401,F403
+from .comparison import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
 from .diagrams import *  # noqa: F401,F403
 from .experiments import *  # noqa: F401,F403

@@ -68,6 +68,8 @@ __all__ = [
     "apply_byzantine_attack",
     "aggregate_round",
     "config_dict",
+    "run_grid",
+    "GRID_VARIABLE",
 ]
 
 # Counting clients from a fraction: 0.2 * 10 must be 2 even though it is 2.0000000000000004.
@@ -266,6 +268,79 @@ def select_participants(rng: np.random.Generator, config: FLConfig) -> np.ndarra
     return np.sort(rng.choice(config.num_clients, size=config.participants_per_round, replace=False))
 
 
+def _client_data(
+    participants: np.ndarray,
+    rows: list[int],
+    data: Dataset,
+    parts: list[torch.Tensor],
+    config: FLConfig,
+    rnd: int,
+    device: torch.device,
+    poison: DataPoisoning | None,
+    poisoned_mask: np.ndarray | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Generator]]:
+    """Each training participant's (possibly poisoned) data and its seeded generator."""
+    xs, ys, gens = [], [], []
+    for row in rows:
+        idx = parts[participants[row]]
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
+            x, y = poison.poison(x, y, data.num_classes)
+        xs.append(x)
+        ys.append(y)
+        gens.append(_client_generator(config, rnd, participants[row]))
+    return xs, ys, gens
+
+
+def _train_clients(
+    model: nn.Module,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    gens: list[torch.Generator],
+    config: FLConfig,
+    rnd: int,
+    client_update: ClientUpdate | None,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Local training of every client: ``(len(xs), d)`` trained flat weights.
+
+    Batched across clients (:func:`robustfl_lib.vectorized.train_stacked`) when
+    no custom ``client_update`` is given, ``config.vectorized`` is set and the
+    model has no buffers; else client by client. ``starts`` gives each client its
+    own starting weights (several simulations sharing one batched call)."""
+    if client_update is None and config.vectorized and _stackable(model):
+        sample_loss = None
+        if config.local_training == "adversarial":
+            sample_loss = _adversarial_sample_loss(config, make_generator(config.seed * 6_113 + rnd))
+        return train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size,
+                             generators=gens, sample_loss=sample_loss, starts=starts)
+    if starts is not None:
+        raise ValueError("separate starting weights need the vectorized path (no client_update, vectorized=True)")
+    if client_update is None:
+        client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
+    out = []
+    for x, y, gen in zip(xs, ys, gens):
+        local = copy.deepcopy(model)
+        client_update(local, x, y, config, gen)
+        out.append(flatten_state(local.state_dict()))
+    return torch.stack(out)
+
+
+def _boost(updates: torch.Tensor, rows: list[int], poison: DataPoisoning | None, poisoned_mask: np.ndarray | None) -> None:
+    """Model-replacement boosting of backdoor clients' own updates (Bagdasaryan et al. 2020), in place.
+
+    A poisoning with a ``rescale(own, honest)`` method (an adaptive backdoor,
+    :class:`robustfl_lib.backdoor.ConstrainAndScale`) sizes its rows against
+    this round's honest updates instead of multiplying them by ``boost``."""
+    if poison is not None and poisoned_mask is not None and hasattr(poison, "boost"):
+        boosted = [r for r in rows if poisoned_mask[r]]
+        if hasattr(poison, "rescale"):
+            honest = [r for r in rows if not poisoned_mask[r]]
+            updates[boosted] = poison.rescale(updates[boosted], updates[honest]).to(updates.dtype)
+        else:
+            updates[boosted] = updates[boosted] * poison.boost
+
+
 def compute_client_updates(
     model: nn.Module,
     participants: np.ndarray,
@@ -281,7 +356,8 @@ def compute_client_updates(
     """Train a copy of ``model`` for each participant with ``train_mask`` set and
     return ``(updates, sample_counts)``: deltas ``(k, d)`` (rows of untrained
     participants are zero, to be replaced by the attack) and ``(k,)`` counts.
-    Participants with ``poisoned_mask`` set train on ``poison``-ed data.
+    Participants with ``poisoned_mask`` set train on ``poison``-ed data (and a
+    poisoning with a ``boost`` factor scales their update by it).
 
     ``client_update=None`` trains as ``config.local_training`` says, batched
     across clients when ``config.vectorized`` (and the model has no buffers);
@@ -291,35 +367,10 @@ def compute_client_updates(
     updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=device)
     counts = torch.tensor([len(parts[c]) for c in participants], dtype=global_vec.dtype, device=device)
     rows = [r for r in range(len(participants)) if train_mask[r]]
-    if not rows:
-        return updates, counts
-    xs, ys = [], []
-    for row in rows:
-        idx = parts[participants[row]]
-        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
-            x, y = poison.poison(x, y, data.num_classes)
-        xs.append(x)
-        ys.append(y)
-    gens = [_client_generator(config, rnd, participants[row]) for row in rows]
-    if client_update is None and config.vectorized and _stackable(model):
-        sample_loss = None
-        if config.local_training == "adversarial":
-            sample_loss = _adversarial_sample_loss(config, make_generator(config.seed * 6_113 + rnd))
-        trained = train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr,
-                                batch_size=config.batch_size, generators=gens, sample_loss=sample_loss)
-        updates[rows] = trained.to(updates.dtype) - global_vec
-    else:
-        if client_update is None:
-            client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
-        for row, x, y, gen in zip(rows, xs, ys, gens):
-            local = copy.deepcopy(model)
-            client_update(local, x, y, config, gen)
-            updates[row] = flatten_state(local.state_dict()) - global_vec
-    if poison is not None and poisoned_mask is not None and hasattr(poison, "boost"):
-        # Model-replacement boosting of a backdoor client's own update (Bagdasaryan et al. 2020).
-        boosted = [r for r in rows if poisoned_mask[r]]
-        updates[boosted] = updates[boosted] * poison.boost
+    if rows:
+        xs, ys, gens = _client_data(participants, rows, data, parts, config, rnd, device, poison, poisoned_mask)
+        updates[rows] = _train_clients(model, xs, ys, gens, config, rnd, client_update).to(updates.dtype) - global_vec
+        _boost(updates, rows, poison, poisoned_mask)
     return updates, counts
 
 
@@ -370,6 +421,107 @@ def aggregate_round(
     return step, record
 
 
+class _Simulation:
+    """One federated run's state, advanced one round at a time.
+
+    A round is :meth:`plan` (who participates, who answers, which clients must
+    train, on what data), local training (done by the caller, so several
+    simulations can share one batched computation), then :meth:`finish`
+    (Byzantine forging, aggregation, evaluation, the round's record)."""
+
+    def __init__(self, config: FLConfig, data: Dataset, device: torch.device):
+        config.validate()
+        set_seed(config.seed)
+        self.config, self.data, self.device = config, data, device
+        self.parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
+        self.aggregator = get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs)
+        if hasattr(self.aggregator, "requirement"):  # refuse an impossible n/f before any training
+            self.aggregator.requirement(config.participants_per_round, self.aggregator.f)
+        if hasattr(self.aggregator, "reset"):
+            self.aggregator.reset()
+        self.attack = None if config.byzantine_attack is None else get_attack(config.byzantine_attack, **config.attack_kwargs)
+        self.byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
+        self.poison = self.attack if isinstance(self.attack, DataPoisoning) else None
+        self.model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+        self.rng = np.random.default_rng(config.seed)
+        self.eval_attack = config.eval_attack() if config.eval_eps is not None else None
+        self.history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] = {}
+
+    # -- checkpoints
+    def state(self, rnd: int) -> dict[str, Any]:
+        return {
+            "round": rnd,
+            "model": self.model.state_dict(),
+            "history": self.history,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "aggregator": self.aggregator.get_state() if hasattr(self.aggregator, "get_state") else {},
+            "config": _comparable(self.config),
+        }
+
+    def load_state(self, state: dict[str, Any], where: str) -> int:
+        diff = sorted(k for k, v in _comparable(self.config).items() if state["config"].get(k) != v)
+        if diff:
+            raise ValueError(f"the checkpoint in {where} was made with other settings: {diff}")
+        self.model.load_state_dict(state["model"])
+        self.history = list(state["history"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if hasattr(self.aggregator, "set_state"):
+            self.aggregator.set_state(state["aggregator"])
+        return int(state["round"])
+
+    # -- one round
+    def plan(self, rnd: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Generator]]:
+        """Choose this round's participants; return the data of those who must train."""
+        config = self.config
+        participants = select_participants(self.rng, config)
+        answered = np.random.default_rng([config.seed, 3, rnd]).random(len(participants)) >= config.dropout
+        dropped_out = participants[~answered].tolist()
+        participants = participants[answered]
+        record: dict[str, Any] = {"round": rnd, "participants": participants.tolist(), "dropped_out": dropped_out}
+        quorum_error = _quorum_error(self.aggregator, len(participants))
+        if quorum_error:  # too few answered for the aggregator's f: the global model stays as it is
+            record.update(byzantine=[], aggregation={"skipped": quorum_error}, update_norm=0.0)
+            self._pending = {"record": record}
+            return [], [], []
+        is_byz = np.isin(participants, self.byzantine)
+        forged = is_byz if isinstance(self.attack, ByzantineAttack) else np.zeros_like(is_byz)
+        rows = [r for r in range(len(participants)) if not forged[r]]
+        self._pending = {"record": record, "participants": participants, "is_byz": is_byz, "forged": forged, "rows": rows}
+        return _client_data(participants, rows, self.data, self.parts, config, rnd, self.device, self.poison, is_byz)
+
+    def finish(self, rnd: int, trained: torch.Tensor | None) -> dict[str, Any]:
+        """Aggregate the trained clients' weights (``(rows, d)``) and the forged updates; evaluate; record."""
+        config, pending = self.config, self._pending
+        record = pending["record"]
+        if "rows" in pending:
+            participants, is_byz, forged, rows = pending["participants"], pending["is_byz"], pending["forged"], pending["rows"]
+            global_vec = flatten_state(self.model.state_dict())
+            updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=self.device)
+            if rows:
+                updates[rows] = trained.to(updates.dtype) - global_vec
+                _boost(updates, rows, self.poison, is_byz)
+            if forged.any():
+                updates = apply_byzantine_attack(updates, forged, self.attack, make_generator(config.seed * 7_919 + rnd))
+            counts = torch.tensor([len(self.parts[c]) for c in participants], dtype=updates.dtype, device=self.device)
+            step, kept = aggregate_round(self.aggregator, updates, counts, participants)
+            load_vector_(self.model, global_vec + step)
+            record.update(byzantine=participants[is_byz].tolist(), aggregation=kept,
+                          update_norm=float(torch.linalg.vector_norm(step.double())))
+        if rnd % config.eval_every == 0 or rnd == config.rounds:
+            record.update(evaluate(self.model, self.data.x_test, self.data.y_test, attack=self.eval_attack))
+        else:
+            record.update(clean_accuracy=None, robust_accuracy=None)
+        self.history.append(record)
+        self._pending = {}
+        return record
+
+    def result(self) -> FLResult:
+        return FLResult(model=self.model, history=self.history, config=self.config, byzantine=self.byzantine.tolist())
+
+
 def run_federated(
     config: FLConfig,
     data: Dataset | None = None,
@@ -394,82 +546,76 @@ def run_federated(
     it, and ends with exactly the model and history of an uninterrupted run.
     """
     config.validate()
-    set_seed(config.seed)
     device = get_device(config.device)
     data = data if data is not None else load_dataset(config.dataset, seed=config.seed, **config.dataset_kwargs)
-    parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
-    aggregator = get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs)
-    if hasattr(aggregator, "requirement"):  # refuse an impossible n/f before any training
-        aggregator.requirement(config.participants_per_round, aggregator.f)
-    if hasattr(aggregator, "reset"):
-        aggregator.reset()
-    attack = None if config.byzantine_attack is None else get_attack(config.byzantine_attack, **config.attack_kwargs)
-    byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
-    poison = attack if isinstance(attack, DataPoisoning) else None
-    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    rng = np.random.default_rng(config.seed)
-    history: list[dict[str, Any]] = []
-    start = 1
+    sim = _Simulation(config, data, device)
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+    start = 1
     if resume:
         if ckpt is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
-        state = load_checkpoint(ckpt, map_location=device)
-        saved, now = state["config"], _comparable(config)
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        if diff:
-            raise ValueError(f"the checkpoint in {checkpoint_dir} was made with other settings: {diff}")
-        model.load_state_dict(state["model"])
-        history = list(state["history"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if hasattr(aggregator, "set_state"):
-            aggregator.set_state(state["aggregator"])
-        start = int(state["round"]) + 1
-    eval_attack = config.eval_attack() if config.eval_eps is not None else None
+        start = sim.load_state(load_checkpoint(ckpt, map_location=device), str(checkpoint_dir)) + 1
     bar = tqdm(range(start, config.rounds + 1), desc="FL rounds", unit="round", disable=not config.progress)
     for rnd in bar:
-        participants = select_participants(rng, config)
-        answered = np.random.default_rng([config.seed, 3, rnd]).random(len(participants)) >= config.dropout
-        dropped_out = participants[~answered].tolist()
-        participants = participants[answered]
-        record: dict[str, Any] = {"round": rnd, "participants": participants.tolist(), "dropped_out": dropped_out}
-        quorum_error = _quorum_error(aggregator, len(participants))
-        if quorum_error:  # too few answered for the aggregator's f: the global model stays as it is
-            record.update(byzantine=[], aggregation={"skipped": quorum_error}, update_norm=0.0)
-        else:
-            is_byz = np.isin(participants, byzantine)
-            forged = is_byz if isinstance(attack, ByzantineAttack) else np.zeros_like(is_byz)
-            updates, counts = compute_client_updates(
-                model, participants, ~forged, data, parts, config, rnd, client_update, poison, is_byz
-            )
-            if forged.any():
-                gen = make_generator(config.seed * 7_919 + rnd)
-                updates = apply_byzantine_attack(updates, forged, attack, gen)
-            step, kept = aggregate_round(aggregator, updates, counts, participants)
-            load_vector_(model, flatten_state(model.state_dict()) + step)
-            record.update(byzantine=participants[is_byz].tolist(), aggregation=kept,
-                          update_norm=float(torch.linalg.vector_norm(step.double())))
-        if rnd % config.eval_every == 0 or rnd == config.rounds:
-            record.update(evaluate(model, data.x_test, data.y_test, attack=eval_attack))
-        else:
-            record.update(clean_accuracy=None, robust_accuracy=None)
-        history.append(record)
+        xs, ys, gens = sim.plan(rnd)
+        trained = _train_clients(sim.model, xs, ys, gens, config, rnd, client_update) if xs else None
+        record = sim.finish(rnd, trained)
         if record["clean_accuracy"] is not None:
             bar.set_postfix(acc=f"{record['clean_accuracy']:.3f}")
         if callback is not None:
             callback(record)
         if ckpt is not None and (rnd % config.checkpoint_every == 0 or rnd == config.rounds):
-            save_checkpoint(ckpt, {
-                "round": rnd,
-                "model": model.state_dict(),
-                "history": history,
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "aggregator": aggregator.get_state() if hasattr(aggregator, "get_state") else {},
-                "config": _comparable(config),
-            })
-    return FLResult(model=model, history=history, config=config, byzantine=byzantine.tolist())
+            save_checkpoint(ckpt, sim.state(rnd))
+    return sim.result()
+
+
+#: Settings that may differ between the runs of :func:`run_grid`; all others must agree.
+GRID_VARIABLE = ("aggregator", "aggregator_f", "aggregator_kwargs", "byzantine_fraction", "byzantine_attack",
+                 "attack_kwargs", "eval_eps", "eval_steps", "progress")
+
+
+def run_grid(configs: list[FLConfig], data: Dataset | None = None, progress: bool = True) -> list[FLResult]:
+    """Run several federated simulations that differ only in aggregation and attack, in lock step.
+
+    Every round, the local training of *all* runs' clients is one batched
+    computation (:func:`robustfl_lib.vectorized.train_stacked` with each run's
+    global weights as the clients' starting points), which makes a grid of
+    aggregators x attacks x Byzantine fractions (chapter
+    ``09_robust_federated_learning``) cost little more than one run. Each
+    result equals ``run_federated(config)`` up to floating-point rounding
+    (with adversarial local training, PGD's random starts are drawn differently).
+    The configs may differ only in :data:`GRID_VARIABLE`; ``vectorized`` must be on.
+    """
+    if not configs:
+        raise ValueError("run_grid needs at least one config")
+    ref = config_dict(configs[0])
+    for i, c in enumerate(configs[1:], 1):
+        diff = sorted(k for k, v in config_dict(c).items() if k not in GRID_VARIABLE and v != ref[k])
+        if diff:
+            raise ValueError(f"config {i} differs from config 0 in {diff}; run_grid runs may differ only in {GRID_VARIABLE}")
+    base = configs[0]
+    if not base.vectorized:
+        raise ValueError("run_grid trains all runs in one batched computation: set vectorized=True")
+    device = get_device(base.device)
+    data = data if data is not None else load_dataset(base.dataset, seed=base.seed, **base.dataset_kwargs)
+    sims = [_Simulation(c, data, device) for c in configs]
+    if not _stackable(sims[0].model):
+        raise ValueError("run_grid needs a model without buffers (no BatchNorm); use run_federated")
+    for rnd in tqdm(range(1, base.rounds + 1), desc="FL grid rounds", unit="round", disable=not progress):
+        plans = [sim.plan(rnd) for sim in sims]
+        xs = [x for p in plans for x in p[0]]
+        if xs:
+            ys = [y for p in plans for y in p[1]]
+            gens = [g for p in plans for g in p[2]]
+            starts = torch.cat([flatten_state(sim.model.state_dict()).expand(len(p[0]), -1)
+                                for sim, p in zip(sims, plans)])
+            trained = _train_clients(sims[0].model, xs, ys, gens, base, rnd, None, starts=starts)
+            chunks = trained.split([len(p[0]) for p in plans])
+        else:
+            chunks = [None] * len(sims)
+        for sim, chunk in zip(sims, chunks):
+            sim.finish(rnd, chunk if chunk is not None and len(chunk) else None)
+    return [sim.result() for sim in sims]
 
 
 def _quorum_error(aggregator: Aggregator, answered: int) -> str | None:

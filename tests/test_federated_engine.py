@@ -132,3 +132,23 @@ def test_cli_bad_options_exit_2_without_traceback(capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["run", "--no-such-option", "1"])
     assert exc.value.code == 2
+
+
+def test_run_grid_equals_separate_runs(digits):
+    from robustfl_lib import run_grid
+
+    base = dict(BASE, rounds=3, num_clients=8, eval_eps=0.1, eval_steps=2)
+    configs = [FLConfig(**dict(base, aggregator=a, byzantine_fraction=f, byzantine_attack=atk))
+               for a, f, atk in [("mean", 0.0, None), ("median", 0.25, "alie"), ("krum", 0.25, "label_flip"),
+                                 ("centered_clipping", 0.25, "ipm")]]
+    grid = run_grid(configs, data=digits, progress=False)
+    for cfg, got in zip(configs, grid):
+        want = run_federated(cfg, data=digits)
+        torch.testing.assert_close(_params(got), _params(want), rtol=1e-4, atol=1e-5)
+        for a, b in zip(got.history, want.history):
+            assert a["byzantine"] == b["byzantine"] and a["aggregation"].get("selected") == b["aggregation"].get("selected")
+            assert abs(a["clean_accuracy"] - b["clean_accuracy"]) <= 1 / len(digits.y_test) + 1e-12
+    with pytest.raises(ValueError, match=r"differs from config 0 in \['lr'\]"):
+        run_grid([configs[0], FLConfig(**dict(base, lr=0.5))], data=digits)
+    with pytest.raises(ValueError, match="vectorized=True"):
+        run_grid([FLConfig(**dict(base, vectorized=False))], data=digits)
