@@ -21,7 +21,7 @@ import torch
 
 from .byzantine import ByzantineAttack, DataPoisoning, get_attack
 from .data import Dataset
-from .federated import FLConfig, FLResult, run_federated
+from .federated import FLConfig, FLResult, run_federated, run_grid
 
 __all__ = [
     "ATTACK_NAMES",
@@ -76,6 +76,9 @@ def run_attacks(
     A run that raises ``ValueError`` (the mean refusing a non-finite update) or
     ``FloatingPointError`` (honest training on a destroyed model) is recorded as a
     :class:`RunFailure` with the rounds it completed, rather than stopping the grid.
+    The runs train in lock step, batched together (:func:`robustfl_lib.federated.run_grid`,
+    same numbers as one run at a time); if any run fails, or the configuration cannot be
+    batched, they are run one at a time instead.
     """
     runs: dict[str, FLConfig] = {}
     if baseline:
@@ -85,6 +88,10 @@ def run_attacks(
     for attack in attacks:
         name = attack if isinstance(attack, str) else type(get_attack(attack)).__name__
         runs[name] = dataclasses.replace(config, byzantine_attack=attack)
+    try:
+        return dict(zip(runs, run_grid(list(runs.values()), data=data, progress=False)))
+    except (ValueError, FloatingPointError):
+        pass  # one run fails (or the configs cannot be batched): run them one by one to see which
     out: dict[str, FLResult | RunFailure] = {}
     for name, cfg in runs.items():
         done: list[dict] = []

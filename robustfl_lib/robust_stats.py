@@ -158,6 +158,8 @@ def pairwise_sq_distances(x: torch.Tensor, center: torch.Tensor | str | None = N
     if n > 2:
         to_center = gram.diagonal()
         between = dist[~torch.eye(n, dtype=torch.bool, device=x.device)]
-        if not torch.isfinite(to_center).all() or to_center.median() > _RECENTER_RATIO * between.median():
+        between = between[between > 0]  # duplicated rows (identical attackers, mixed updates) say nothing
+        dragged = len(between) > 0 and to_center.median() > _RECENTER_RATIO * between.median()
+        if not torch.isfinite(to_center).all() or dragged:
             dist = _distances_from_gram(_gram(x, coordinate_median(x)))
     return dist
