@@ -154,3 +154,54 @@ def test_byzantine_runs_are_reproducible(digits):
     assert a.history == b.history
     c = run_federated(_FLConfig(**dict(cfg, seed=5)), data=digits)
     assert a.history != c.history
+
+
+# ---------------------------------------------------------------- the chapters' experiment grid (03-08)
+
+import math  # noqa: E402
+
+from robustfl_lib import (  # noqa: E402
+    RunFailure,
+    accuracy_table,
+    byzantine_selection_rate,
+    final_accuracy,
+    kept_share,
+    run_attacks,
+    toy_updates,
+)
+
+
+def test_run_attacks_records_failures_and_equals_single_runs(digits):
+    cfg = _FLConfig(num_clients=6, rounds=2, lr=0.3, aggregator="mean", byzantine_fraction=0.2, progress=False)
+    runs = run_attacks(cfg, attacks=["nonfinite", "sign_flip"], data=digits)
+    assert list(runs) == ["none", "nonfinite", "sign_flip"]
+    assert isinstance(runs["nonfinite"], RunFailure) and runs["nonfinite"].kind == "refused"
+    assert runs["nonfinite"].history == [] and "non-finite" in runs["nonfinite"].error
+    single = run_federated(_FLConfig(**{**vars(cfg), "byzantine_attack": "sign_flip"}), data=digits)
+    assert runs["sign_flip"].history == single.history
+    assert runs["none"].byzantine == [] and runs["sign_flip"].byzantine == single.byzantine
+    assert math.isnan(final_accuracy(runs["nonfinite"]))
+    assert final_accuracy(single, last=1) == single.history[-1]["clean_accuracy"]
+    table = accuracy_table({"mean": runs})
+    assert "| mean |" in table and "refused" in table
+
+
+def test_batched_attack_grid_matches_one_run_at_a_time(digits):
+    cfg = _FLConfig(num_clients=6, rounds=2, lr=0.3, aggregator="median", byzantine_fraction=0.2, progress=False)
+    runs = run_attacks(cfg, attacks=["alie", "gaussian"], data=digits)  # no failure: trained in lock step
+    for name in ("alie", "gaussian"):
+        single = run_federated(_FLConfig(**{**vars(cfg), "byzantine_attack": name}), data=digits)
+        assert [h["participants"] for h in runs[name].history] == [h["participants"] for h in single.history]
+        assert abs(final_accuracy(runs[name]) - final_accuracy(single)) < 0.02
+    byz, honest = kept_share(runs["gaussian"])
+    assert byz < 0.01 < honest  # noise is never the median
+    with pytest.raises(ValueError, match="no selection"):
+        byzantine_selection_rate(runs["alie"])
+
+
+def test_toy_updates():
+    honest, byz = toy_updates(12, 3, "ipm", seed=1)
+    assert honest.shape == (12, 2) and torch.allclose(byz, -0.5 * honest.mean(0).expand(3, -1))
+    assert toy_updates(5, 2, None)[1].shape == (0, 2)
+    with pytest.raises(ValueError, match="no 2-D picture"):
+        toy_updates(5, 2, "label_flip")
