@@ -219,10 +219,16 @@ def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator):
         if mix == 0.0:
             return F.cross_entropy(model(x), y, reduction="none")
         x_adv = attack(model.detached(), x, y)
-        adv = F.cross_entropy(model(x_adv), y, reduction="none")
         if mix == 1.0:
-            return adv
-        return (1.0 - mix) * F.cross_entropy(model(x), y, reduction="none") + mix * adv
+            return F.cross_entropy(model(x_adv), y, reduction="none")
+        # Clean and adversarial inputs in one pass, as adversarial_train does; the stacked model needs
+        # each client's rows together, so the two halves are joined per client.
+        k = model.num_models
+        both = torch.cat([x.reshape(k, -1, *x.shape[1:]), x_adv.reshape(k, -1, *x.shape[1:])], dim=1)
+        yy = torch.cat([y.reshape(k, -1), y.reshape(k, -1)], dim=1)
+        losses = F.cross_entropy(model(both.reshape(-1, *x.shape[1:])), yy.reshape(-1), reduction="none")
+        clean, adv = losses.reshape(k, 2, -1).unbind(dim=1)
+        return ((1.0 - mix) * clean + mix * adv).reshape(-1)
 
     return loss
 
