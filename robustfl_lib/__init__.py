@@ -16,6 +16,7 @@ from .experiments import *  # noqa: F401,F403
 from .federated import *  # noqa: F401,F403
 from .models import *  # noqa: F401,F403
 from .params import *  # noqa: F401,F403
+from .personalization import *  # noqa: F401,F403
 from .plotting import *  # noqa: F401,F403
 from .runtime import *  # noqa: F401,F403
 from .smoothing import *  # noqa: F401,F403

@@ -22,6 +22,8 @@ Taught in chapter ``11_exercise_backdoor_detection``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,13 +31,19 @@ import torch
 from torch import nn
 
 from .aggregators import Aggregator, Mean, RobustAggregator
+from .byzantine import DataPoisoning
 from .robust_stats import compute_dtype
+from .runtime import make_generator
 
 __all__ = [
     "PixelTrigger",
     "poison",
+    "BackdoorPoisoning",
+    "ConstrainAndScale",
+    "stealthy_norm",
     "attack_success_rate",
     "detection_scores",
+    "detection_over_rounds",
     "Detector",
     "NormZScore",
     "CosineSimilarity",
@@ -89,6 +97,36 @@ def poison(
     return x, y
 
 
+class BackdoorPoisoning(DataPoisoning):
+    r"""Backdoor clients for the FL loop: ``FLConfig(byzantine_attack=BackdoorPoisoning(trigger, fraction, boost))``.
+
+    Each Byzantine client trains honestly on its data with ``fraction`` of it
+    stamped by ``trigger`` and relabelled ``trigger.target`` (:func:`poison`),
+    then the FL loop multiplies its update :math:`u` by ``boost`` :math:`\gamma`
+    before sending it: model replacement (Bagdasaryan et al. 2020). With
+    :math:`b` attackers among :math:`n` clients averaged by the mean,
+    :math:`\gamma \approx n / b` makes the attackers' share of the aggregate as
+    large as the whole honest step, so the backdoor is planted in few rounds.
+    ``boost=1`` is plain data poisoning. The samples to poison are drawn from a
+    generator seeded by ``seed``, so the same client data is poisoned the same
+    way in every round and every run. Chapter ``11_exercise_backdoor_detection``.
+    """
+
+    def __init__(self, trigger: PixelTrigger, fraction: float = 0.5, boost: float = 1.0, seed: int = 0):
+        if not isinstance(trigger, PixelTrigger):
+            raise ValueError(f"trigger must be a PixelTrigger, got {type(trigger).__name__}")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if not (math.isfinite(boost) and boost > 0):
+            raise ValueError(f"boost must be a finite number > 0, got {boost}")
+        self.trigger, self.fraction, self.boost, self.seed = trigger, float(fraction), float(boost), int(seed)
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= self.trigger.target < num_classes:
+            raise ValueError(f"trigger target {self.trigger.target} is not a class of a {num_classes}-class task")
+        return poison(x, y, self.trigger, self.fraction, make_generator(self.seed))
+
+
 @torch.no_grad()
 def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: PixelTrigger) -> float:
     """Fraction of stamped test inputs whose true class is *not* the target that the model
@@ -118,6 +156,37 @@ def detection_scores(flagged, malicious) -> dict[str, float]:
         "precision": tp / int(f.sum()) if f.any() else 1.0,
         "recall": tp / int(m.sum()) if m.any() else 1.0,
     }
+
+
+def detection_over_rounds(history: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-round precision and recall of what the server *rejected*, from an FL history.
+
+    A participant counts as flagged in a round when the aggregator left it out
+    of ``aggregation["selected"]`` (a :class:`Detect` aggregator selects exactly
+    the unflagged updates; Krum-like rules select their winners), malicious when
+    it is in ``"byzantine"``; the scores are :func:`detection_scores`'. Returns
+    arrays ``"round"``, ``"precision"``, ``"recall"`` and ``"flagged"`` (how many
+    were flagged); rounds that were skipped for lack of a quorum are NaN. Chapter
+    ``11_exercise_backdoor_detection``.
+    """
+    if not history:
+        raise ValueError("the history is empty")
+    rounds, precision, recall, flagged = [], [], [], []
+    for rec in history:
+        agg = rec.get("aggregation", {})
+        rounds.append(rec["round"])
+        if "skipped" in agg:
+            precision.append(np.nan), recall.append(np.nan), flagged.append(np.nan)
+            continue
+        if "selected" not in agg:
+            raise ValueError(f"round {rec['round']} records no selection: the aggregator flags no one "
+                             "(use Detect(detector) or a selection rule such as Krum)")
+        participants = np.asarray(rec["participants"])
+        flags = ~np.isin(participants, agg["selected"])
+        scores = detection_scores(flags, np.isin(participants, rec["byzantine"]))
+        precision.append(scores["precision"]), recall.append(scores["recall"]), flagged.append(int(flags.sum()))
+    return {"round": np.asarray(rounds), "precision": np.asarray(precision, dtype=float),
+            "recall": np.asarray(recall, dtype=float), "flagged": np.asarray(flagged, dtype=float)}
 
 
 class Detector:
@@ -192,6 +261,8 @@ class Clustering(Detector):
         n = updates.shape[0]
         unit = updates / updates.norm(dim=1, keepdim=True).clamp_min(1e-30)
         dist = (1.0 - unit @ unit.T).clamp_min(0.0).cpu().double().numpy()
+        # A float32 matmul is not exactly symmetric, and HDBSCAN refuses an asymmetric matrix.
+        dist = 0.5 * (dist + dist.T)
         np.fill_diagonal(dist, 0.0)
         labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True,
                          copy=True).fit_predict(dist)
@@ -199,6 +270,102 @@ class Clustering(Detector):
             return torch.zeros(n, dtype=torch.bool, device=updates.device)
         majority = np.bincount(labels[labels >= 0]).argmax()
         return torch.from_numpy(labels != majority).to(updates.device)
+
+
+def stealthy_norm(
+    honest_norms: torch.Tensor, max_norms: torch.Tensor, detector: Detector, iterations: int = 60
+) -> float:
+    r"""The largest norm :math:`N` that attackers can give their updates without ``detector`` flagging any.
+
+    The attackers' norms are :math:`\min(N, m_i)` (``max_norms`` = :math:`m_i`, each
+    attacker's norm at its largest allowed boost); ``detector`` is a norm-based
+    detector (it is run on the 1-D "updates" holding the norms, e.g.
+    :class:`NormZScore`), and :math:`N` is found by bisection, up to a relative
+    ``2**-iterations``. Because the attackers' own norms enter the median and MAD that
+    :class:`NormZScore` measures them against, the answer depends on how many
+    attackers there are, and is computed with all of them present. Returns
+    ``inf`` when no norm is flagged (no attacker needs to hold back), ``0.0`` when
+    even zero is. Chapter ``12_exercise_adaptive_attacks``.
+    """
+    h = torch.as_tensor(honest_norms).detach().double().flatten()
+    m = torch.as_tensor(max_norms).detach().double().flatten().to(h.device)
+    if len(h) == 0 or len(m) == 0:
+        raise ValueError("stealthy_norm needs at least one honest and one attacker norm")
+    if not (torch.isfinite(h).all() and torch.isfinite(m).all() and (h >= 0).all() and (m >= 0).all()):
+        raise ValueError("norms must be finite and >= 0")
+
+    def flagged(n: float) -> bool:
+        norms = torch.cat([h, torch.clamp(m, max=n)])
+        return bool(detector(norms[:, None])[len(h):].any())
+
+    if not flagged(float(m.max())):
+        return float("inf")
+    if flagged(0.0):
+        return 0.0
+    lo, hi = 0.0, float(m.max())  # lo passes, hi is flagged
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if flagged(mid) else (mid, hi)
+    return lo
+
+
+class ConstrainAndScale(BackdoorPoisoning):
+    r"""A backdoor that knows the norm detector: boost as much as the detector lets pass (Bagdasaryan et al. 2020).
+
+    Like :class:`BackdoorPoisoning`, the clients train on poisoned data; then, in
+    each round, every attacker's update :math:`u_i` is scaled to
+
+    .. math:: \gamma_i u_i, \qquad \gamma_i = \min\Big(\gamma_{\max}, \frac{c\,N}{\|u_i\|}\Big),
+
+    where :math:`N` is the largest norm that ``detector`` (a norm-based
+    detector such as :class:`NormZScore`, with the server's threshold) would not
+    flag given this round's honest updates (:func:`stealthy_norm`), :math:`c` =
+    ``margin`` a safety factor and :math:`\gamma_{\max}` = ``boost``. The
+    attacker is omniscient, as the update attacks of chapter
+    ``03_byzantine_threats`` are: it sees the honest updates of the round. This is
+    the "scale" half of constrain-and-scale, with the constraint put on the only
+    statistic the norm detector looks at; :math:`\gamma_i < 1` (shrinking) happens
+    when poisoned training alone makes an update too long. The FL loop calls
+    :meth:`rescale` in place of multiplying by ``boost``; ``last_boost`` holds
+    the latest :math:`\gamma_i`. Chapter ``12_exercise_adaptive_attacks``.
+    """
+
+    def __init__(
+        self,
+        trigger: PixelTrigger,
+        fraction: float = 0.5,
+        boost: float = 5.0,
+        detector: Detector | None = None,
+        margin: float = 0.98,
+        seed: int = 0,
+    ):
+        super().__init__(trigger, fraction, boost, seed)
+        if not 0 < margin <= 1:
+            raise ValueError(f"margin must be in (0, 1], got {margin}")
+        self.detector = detector if detector is not None else NormZScore()
+        self.margin = float(margin)
+        self.last_boost: torch.Tensor | None = None
+
+    def rescale(self, own: torch.Tensor, honest: torch.Tensor) -> torch.Tensor:
+        """The attackers' updates ``own`` ``(b, d)`` scaled to pass ``detector`` next to ``honest`` ``(h, d)``."""
+        if own.ndim != 2 or honest.ndim != 2 or (len(honest) and own.shape[1] != honest.shape[1]):
+            raise ValueError(f"own and honest must be (b, d) and (h, d), got {tuple(own.shape)}, {tuple(honest.shape)}")
+        if len(own) == 0:
+            return own
+        x = own.to(compute_dtype(own.dtype))
+        norms = x.norm(dim=1)
+        if len(honest) == 0:
+            gamma = torch.full_like(norms, self.boost)
+        else:
+            h = honest.to(compute_dtype(honest.dtype)).norm(dim=1)
+            safe = stealthy_norm(h, self.boost * norms, self.detector) * self.margin
+            gamma = torch.clamp(safe / norms.clamp_min(1e-30), max=self.boost)
+        self.last_boost = gamma.detach().cpu()
+        return (x * gamma[:, None]).to(own.dtype)
+
+    def __repr__(self) -> str:
+        return (f"ConstrainAndScale(trigger={self.trigger!r}, fraction={self.fraction}, boost={self.boost}, "
+                f"detector={self.detector!r}, margin={self.margin}, seed={self.seed})")
 
 
 class Detect(RobustAggregator):

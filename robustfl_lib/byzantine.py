@@ -17,8 +17,9 @@ Taught in chapter ``03_byzantine_threats``; each defence's chapter (``04`` to
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "IPM",
     "Mimic",
     "NonFinite",
+    "AdaptiveScaling",
     "DataPoisoning",
     "LabelFlip",
     "ATTACKS",
@@ -245,6 +247,83 @@ class NonFinite(ByzantineAttack):
 
     def forge(self, honest, num_byzantine, generator):
         return torch.full((num_byzantine, honest.shape[1]), float(self.value), dtype=honest.dtype, device=honest.device)
+
+
+class AdaptiveScaling(ByzantineAttack):
+    r"""An attack tuned against a known aggregator (Fang et al. 2020; Shejwalkar & Houmansadr 2021).
+
+    Every Byzantine client sends :math:`u(\lambda) = \bar u + \lambda\, r\, p / \|p\|`:
+    the honest mean :math:`\bar u` moved along a malicious direction :math:`p`
+    by :math:`\lambda` times :math:`r`, the median norm of the honest updates. The
+    attacker knows the server's rule :math:`A` and picks, among ``scales``, the
+    :math:`\lambda` that pushes the aggregate farthest from the honest mean,
+
+    .. math:: \lambda^\star = \arg\max_{\lambda} \big\|A\big(u_1, \dots, u_{n_h}, u(\lambda), \dots, u(\lambda)\big) - \bar u\big\|,
+
+    Shejwalkar & Houmansadr's "AGR-tailored" objective. Too small a
+    :math:`\lambda` does nothing; too large a one is discarded by the rule (Krum
+    stops selecting it, the trimmed mean trims it, a detector flags it), so the
+    search finds the largest step the rule still lets through. Directions
+    :math:`p` (``direction``): ``"sign"`` :math:`-\operatorname{sign}(\bar u)`, Fang
+    et al.'s "directed deviation"; ``"mean"`` :math:`-\bar u` (IPM-like); ``"std"``
+    :math:`-\sigma`, the coordinate-wise standard deviation, which makes this
+    ALIE with its :math:`z` tuned against :math:`A` instead of taken from
+    :func:`alie_z`. ``aggregator`` is an aggregator object (or a config name, with
+    ``f``); it is copied before each trial, so a stateful rule is not disturbed.
+    ``last_scale`` holds the chosen :math:`\lambda`. The search costs one
+    aggregation per candidate scale. Chapter ``12_exercise_adaptive_attacks``.
+    """
+
+    def __init__(
+        self,
+        aggregator,
+        direction: str = "sign",
+        scales: Sequence[float] | None = None,
+        f: int | None = None,
+    ):
+        if direction not in ("sign", "mean", "std"):
+            raise ValueError(f"direction must be 'sign', 'mean' or 'std', got {direction!r}")
+        if isinstance(aggregator, str):
+            from .aggregators import get_aggregator  # late import: aggregators is the defender's module
+
+            if f is None:
+                raise ValueError("an aggregator given by name needs the f it is configured with")
+            aggregator = get_aggregator(aggregator, f=f)
+        if not callable(aggregator):
+            raise ValueError(f"aggregator must be an aggregator object or name, got {aggregator!r}")
+        scales = tuple(float(s) for s in (scales if scales is not None else 2.0 ** torch.arange(-6.0, 6.25, 0.25)))
+        if not scales or any(not (math.isfinite(s) and s >= 0) for s in scales):
+            raise ValueError("scales must be a non-empty sequence of finite numbers >= 0")
+        self.aggregator, self.direction, self.scales = aggregator, direction, scales
+        self.last_scale: float | None = None
+
+    def perturbation(self, honest: torch.Tensor) -> torch.Tensor:
+        r"""The unit malicious direction :math:`p / \|p\|` (zero if :math:`p = 0`)."""
+        h = honest.to(compute_dtype(honest.dtype))
+        mu = h.mean(dim=0)
+        if self.direction == "sign":
+            p = -torch.sign(mu)
+        elif self.direction == "mean":
+            p = -mu
+        else:
+            p = -h.std(dim=0, correction=1 if h.shape[0] > 1 else 0)
+        return p / p.norm().clamp_min(1e-30)
+
+    def forge(self, honest, num_byzantine, generator):
+        h = honest.to(compute_dtype(honest.dtype))
+        mu = h.mean(dim=0)
+        step = h.norm(dim=1).median() * self.perturbation(h)
+        best, best_damage = 0.0, -1.0
+        for lam in self.scales:  # one aggregation per candidate: the rule is a black box to the attacker
+            candidate = torch.cat([h, _repeat(mu + lam * step, num_byzantine)]).to(honest.dtype)
+            damage = float((copy.deepcopy(self.aggregator)(candidate).to(mu.dtype) - mu).norm())
+            if damage > best_damage:
+                best, best_damage = lam, damage
+        self.last_scale = best
+        return _repeat(mu + best * step, num_byzantine)
+
+    def __repr__(self) -> str:
+        return f"AdaptiveScaling(aggregator={self.aggregator!r}, direction={self.direction!r}, {len(self.scales)} scales)"
 
 
 class DataPoisoning:

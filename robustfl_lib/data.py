@@ -34,6 +34,7 @@ __all__ = [
     "read_idx",
     "download_file",
     "partition",
+    "partition_like",
     "label_counts",
     "label_skew",
 ]
@@ -383,6 +384,39 @@ def partition(
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid', 'dirichlet' or 'shards'")
     return [torch.from_numpy(np.sort(p).astype(np.int64)) for p in parts]
+
+
+def partition_like(labels, reference_labels, reference_parts: Sequence[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    r"""Split ``labels`` (e.g. the test split) among the clients of ``reference_parts`` so
+    that each client gets the label mix of its own reference (training) data.
+
+    Class :math:`k`'s samples are shuffled and cut among the clients in
+    proportion to :math:`c_{ik}`, client :math:`i`'s number of class-:math:`k`
+    reference samples. Client :math:`i` then holds about :math:`t_k c_{ik} / C_k`
+    samples of class :math:`k` (:math:`t_k`, :math:`C_k`: the class's sizes in
+    ``labels`` and in the reference), which is proportional to :math:`c_{ik}`
+    whenever the two splits have the same class balance (a stratified
+    train/test split). Every index appears in exactly one client; a class
+    absent from the reference is shared evenly. The per-client test sets of
+    chapter ``13_exercise_robust_personalization``: a personalized model is
+    judged on the distribution its client will meet.
+    """
+    y = _as_numpy_labels(labels)
+    ref = _as_numpy_labels(reference_labels)
+    if len(reference_parts) < 1:
+        raise ValueError("reference_parts must hold at least one client")
+    k = int(max(y.max(initial=-1), ref.max(initial=-1)) + 1)
+    counts = label_counts(ref, reference_parts, num_classes=k).astype(np.float64)  # (clients, classes)
+    num_clients = counts.shape[0]
+    rng = np.random.default_rng(seed)
+    buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(k):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        share = counts[:, c] if counts[:, c].sum() > 0 else np.ones(num_clients)
+        cuts = np.round(np.cumsum(share)[:-1] / share.sum() * len(idx)).astype(int)
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            buckets[client].append(chunk)
+    return [torch.from_numpy(np.sort(np.concatenate(b)).astype(np.int64)) for b in buckets]
 
 
 def label_counts(labels, parts: Sequence[torch.Tensor], num_classes: int | None = None) -> np.ndarray:

@@ -122,3 +122,97 @@ def test_norm_clip_noise():
     assert torch.isfinite(NormClipNoise(1.0)(torch.cat([x, torch.full((1, 2), float("inf"))]))).all()
     with pytest.raises(ValueError):
         NormClipNoise(threshold=0)
+
+
+# --- backdoor clients in the FL loop, and detection over rounds (chapter 11)
+
+from robustfl_lib import FLConfig, run_federated  # noqa: E402
+from robustfl_lib.aggregators import Mean  # noqa: E402
+from robustfl_lib.backdoor import BackdoorPoisoning, detection_over_rounds  # noqa: E402
+
+
+class _RecordingMean(Mean):
+    """The mean, keeping every round's updates (to look at what the server received)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def aggregate_finite(self, updates, weights, dropped):
+        self.seen.append(updates.clone())
+        return super().aggregate_finite(updates, weights, dropped)
+
+
+def _fl(digits, attack, aggregator, rounds=1, **kw):
+    config = FLConfig(num_clients=5, rounds=rounds, local_epochs=1, batch_size=32, byzantine_fraction=0.4,
+                      byzantine_attack=attack, aggregator=aggregator, progress=False, seed=3, **kw)
+    return run_federated(config, data=digits)
+
+
+def test_backdoor_poisoning_is_seeded_and_checked():
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
+    atk = BackdoorPoisoning(PixelTrigger(target=2), fraction=0.25, boost=4.0, seed=1)
+    (px, py), (qx, qy) = atk.poison(x, y, 10), atk.poison(x, y, 10)
+    assert torch.equal(px, qx) and torch.equal(py, qy)  # the same samples every round
+    stamped = (px != x).flatten(1).any(dim=1) | (py != y)
+    assert 0 < stamped.sum() <= 10 and (py[stamped] == 2).all()
+    other = BackdoorPoisoning(PixelTrigger(target=2), fraction=0.25, seed=2).poison(x, y, 10)[0]
+    assert not torch.equal(px, other)
+    with pytest.raises(ValueError, match="not a class"):
+        BackdoorPoisoning(PixelTrigger(target=12)).poison(x, y, 10)
+    for bad in (dict(boost=0.0), dict(boost=float("inf")), dict(fraction=1.5)):
+        with pytest.raises(ValueError):
+            BackdoorPoisoning(PixelTrigger(), **bad)
+    with pytest.raises(ValueError, match="PixelTrigger"):
+        BackdoorPoisoning("corner")
+
+
+def test_backdoor_clients_are_boosted_in_the_fl_loop(digits):
+    plain, boosted = _RecordingMean(), _RecordingMean()
+    t = PixelTrigger(target=0)
+    r1 = _fl(digits, BackdoorPoisoning(t, 0.5, boost=1.0), plain)
+    _fl(digits, BackdoorPoisoning(t, 0.5, boost=3.0), boosted)
+    byz = np.isin(r1.history[0]["participants"], r1.byzantine)
+    assert byz.sum() == 2
+    # Same seed, same training: boosting multiplies exactly the attackers' rows.
+    torch.testing.assert_close(boosted.seen[0][byz], 3.0 * plain.seen[0][byz])
+    torch.testing.assert_close(boosted.seen[0][~byz], plain.seen[0][~byz])
+    # Poisoned training differs from honest training on the same data.
+    clean = _RecordingMean()
+    _fl(digits, BackdoorPoisoning(t, 0.0, boost=1.0), clean)
+    assert not torch.allclose(clean.seen[0][byz], plain.seen[0][byz])
+
+
+def test_detection_over_rounds_from_a_history():
+    history = [
+        {"round": 1, "participants": [0, 1, 2, 3], "byzantine": [3], "aggregation": {"selected": [0, 1, 2]}},
+        {"round": 2, "participants": [0, 1, 2, 3], "byzantine": [3], "aggregation": {"selected": [0, 3]}},
+        {"round": 3, "participants": [0, 1], "byzantine": [], "aggregation": {"skipped": "quorum"}},
+        {"round": 4, "participants": [0, 1, 2], "byzantine": [], "aggregation": {"selected": [0, 1, 2]}},
+    ]
+    d = detection_over_rounds(history)
+    np.testing.assert_array_equal(d["round"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(d["precision"], [1.0, 0.0, np.nan, 1.0])
+    np.testing.assert_array_equal(d["recall"], [1.0, 0.0, np.nan, 1.0])
+    np.testing.assert_array_equal(d["flagged"], [1, 2, np.nan, 0])
+    with pytest.raises(ValueError, match="no selection"):
+        detection_over_rounds([{"round": 1, "participants": [0], "byzantine": [], "aggregation": {}}])
+    with pytest.raises(ValueError, match="empty"):
+        detection_over_rounds([])
+
+
+def test_norm_detector_catches_boosted_backdoor_in_fl(digits):
+    t = PixelTrigger(target=0)
+    res = _fl(digits, BackdoorPoisoning(t, 0.5, boost=10.0), Detect(NormZScore()), rounds=2)
+    d = detection_over_rounds(res.history)
+    assert (d["recall"] == 1.0).all() and (d["precision"] == 1.0).all()
+    assert all(set(h["aggregation"]["selected"]).isdisjoint(res.byzantine) for h in res.history)
+
+
+def test_clustering_accepts_float32_rounding():
+    # float32 cosine matrices are not exactly symmetric; HDBSCAN must still get a symmetric one.
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 1000, generator=g) + 0.7 * torch.randn(10, 1000, generator=g)
+    unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    assert not torch.equal(unit @ unit.T, (unit @ unit.T).T)
+    flags = Clustering()(u)
+    assert flags.dtype == torch.bool and flags.shape == (10,)
