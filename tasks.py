@@ -76,7 +76,7 @@ def build_book(args: list[str]) -> int:
     """Execute every chapter (cached) and build the site; -W -n: any warning fails the build."""
     cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
     print("+", " ".join(map(str, cmd)), flush=True)
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg")).returncode
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
 
 
 def test(args: list[str]) -> int:
@@ -86,7 +86,7 @@ def test(args: list[str]) -> int:
     rc_book = build_book([])
     with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
         nbs = notebooks_to_ipynb(Path(tmp))
-        env = dict(os.environ, MPLBACKEND="Agg", ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
+        env = dict(os.environ, ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
         cmd = [PY, "-m", "pytest", "tests", *nbs, "--nbval-lax", "--nbval-current-env",
                "--nbval-cell-timeout=900", "-p", "no:cacheprovider", *args]
         print("+", " ".join(map(str, cmd)), flush=True)

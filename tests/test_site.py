@@ -1,5 +1,6 @@
 """Browser check of the built book: every page loads in headless Chromium with no broken
-image, no error output cell and an exercise dropdown for every solution; a screenshot of
+image, no error output cell, at least one figure per chapter and a dropdown for every
+exercise's solution; a screenshot of
 each page is saved to book/_build/screenshots/.
 
 Needs the site (``python tasks.py book``) and Chromium (Debian's ``chromium`` package) with
@@ -85,7 +86,8 @@ _CHECKS = """() => {
   const solutions = [...document.querySelectorAll('div.solution')];
   const dropdowns = solutions.filter(s => s.classList.contains('dropdown') || s.tagName === 'DETAILS'
                                         || s.closest('details') !== null).length;
-  return {broken, errors, exercises, solutions: solutions.length, dropdowns,
+  const figures = document.querySelectorAll('.cell_output img').length;
+  return {broken, errors, exercises, solutions: solutions.length, dropdowns, figures,
           title: document.title, mainText: (document.querySelector('main') || document.body).innerText.length};
 }"""
 
@@ -113,3 +115,6 @@ def test_page_renders(server, browser, page):
     assert not report["errors"], f"{page}: error output cells {report['errors']}"
     assert report["solutions"] >= report["exercises"], f"{page}: {report['exercises']} exercises but {report['solutions']} solutions"
     assert report["dropdowns"] == report["solutions"], f"{page}: a solution is not in a dropdown"
+    if page.startswith("chapters/"):
+        # Every chapter plots; a chapter page without a figure means the kernel drew to a non-inline backend.
+        assert report["figures"] > 0, f"{page}: no figure in any cell output"
