@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -189,13 +190,20 @@ def main() -> None:
     parser.add_argument("--nnm-peak", default=None, help=argparse.SUPPRESS)  # n,d: the memory subprocess
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # The library hands some CPU work to NumPy (sorting, BLAS syrk); hold its BLAS to the same
+    # thread count, so that ours and the references compete on equal terms.
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    threadpool_limits(args.threads)
     if args.nnm_peak:
         n, d = map(int, args.nnm_peak.split(","))
         _peak_child(n, d, n // 5)
         return
     settings = [(50, 20_000), (40, 5_000)] if args.quick else [(50, 1_000_000), (200, 100_000)]
     repeats = 2 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, median of {repeats} calls\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} thread(s), float32, "
+          f"median of {repeats} calls; {os.cpu_count()} CPUs, load average {load:.1f} at start\n")
     rows = []
     for n, d in settings:
         rows += bench(n, d, repeats)

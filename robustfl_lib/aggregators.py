@@ -270,13 +270,31 @@ def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
     return d.topk(k, dim=1, largest=False).values.sum(dim=1)
 
 
+# Scores within this relative distance of each other are ties: float32 distances carry
+# rounding noise of about 1e-7, which must not decide between two equally good updates.
+_TIE_RTOL = 1e-5
+
+
+def _tie_groups(key: torch.Tensor) -> torch.Tensor:
+    """An integer per entry, equal for entries whose values chain within ``_TIE_RTOL``
+    (relative) of each other in sorted order; it depends on the values only."""
+    values, order = torch.sort(key)
+    gaps = values.diff()
+    scale = torch.maximum(values[1:].abs(), values[:-1].abs())
+    close = torch.isfinite(values[1:]) & (gaps <= _TIE_RTOL * scale)  # inf ties nothing finite...
+    new_group = ~(close | (values[1:] == values[:-1]))  # ...but ties another inf
+    ids = torch.cat([torch.zeros(1, dtype=torch.long, device=key.device), new_group.long().cumsum(0)])
+    return torch.empty_like(ids).scatter_(0, order, ids)
+
+
 def _rank(scores: torch.Tensor, dist: torch.Tensor, row_sums: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Row indices by increasing score, with ties broken by values, not positions, so
-    that the result does not depend on the order of the rows. Exact ties are common
-    (two mutual nearest neighbours tie whenever one neighbour counts): they go to the
-    row with the smaller total distance to all rows, then to the smaller sum of entries
-    (``row_sums()`` is called only when a tie remains)."""
-    keys = [scores, torch.nan_to_num(dist, posinf=torch.finfo(dist.dtype).max).sum(dim=1)]
+    that the result does not depend on the order of the rows. Ties (scores within
+    rounding noise) are common: two mutual nearest neighbours tie whenever one neighbour
+    counts. They go to the row with the smaller total distance to all rows, then to the
+    smaller sum of entries (``row_sums()`` is called only when a tie remains)."""
+    total = torch.nan_to_num(dist, posinf=torch.finfo(dist.dtype).max).sum(dim=1)
+    keys = [_tie_groups(scores), _tie_groups(total)]
     if len(torch.unique(torch.stack(keys, dim=1), dim=0)) < len(scores):
         keys.append(row_sums())
     order = torch.arange(len(scores), device=scores.device)

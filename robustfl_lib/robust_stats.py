@@ -86,21 +86,54 @@ def coordinate_median(x: torch.Tensor, sorted_x: torch.Tensor | None = None) -> 
     return lo + (hi - lo) / 2 if x.dtype == torch.float64 else ((lo.double() + hi.double()) / 2).to(x.dtype)
 
 
-def _gram(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrix of the rows of ``x - center`` in float64 (``center=None``: the mean row),
-    accumulated block by block over the columns."""
+def _block_gram(x: torch.Tensor, center: torch.Tensor | str | None) -> torch.Tensor:
+    """Gram matrix of the rows of ``x - center`` in float64, accumulated over column
+    blocks; ``center="block mean"`` centers each block at its own column means."""
     n, d = x.shape
     ct = compute_dtype(x.dtype)
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     block = max(1024, _BLOCK_ELEMENTS // n)
+    # On CPU, NumPy recognizes ``a @ a.T`` and calls BLAS syrk, which computes one triangle
+    # of the symmetric product: half the multiply-adds of torch's general matmul.
+    on_cpu = x.device.type == "cpu"
     # A loop over column blocks, not coordinates: each block is one vectorized matmul, and
     # centering a cache-sized block costs nothing next to centering the whole (n, d) tensor.
     for start in range(0, d, block):
         xb = x[:, start : start + block].to(ct)
-        cb = xb.mean(dim=0) if center is None else center[start : start + block].to(ct)
-        xb = xb - cb
-        gram += (xb @ xb.T).double()
+        if isinstance(center, str):
+            xb = xb - xb.mean(dim=0)
+        elif center is not None:
+            xb = xb - center[start : start + block].to(ct)
+        if on_cpu:
+            a = np.ascontiguousarray(xb.numpy())
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow means "infinitely far"
+                gram += torch.from_numpy(a @ a.T)
+        else:
+            gram += (xb @ xb.T).double()
     return gram
+
+
+def _gram(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """Gram matrix of the rows of ``x - center`` in float64 (``center=None``: the mean row).
+
+    With ``center=None`` the uncentered Gram matrix ``G`` is computed first and centered
+    exactly in float64, ``H G H`` with ``H = I - 11^T/n``. Its rounding error is that of
+    ``G``, about float32 epsilon times the rows' squared norms: as good as centering the
+    data first whenever the mean row is no longer than a typical centered row (deltas).
+    When it is longer (raw weights share the model's weights), the rows are centered
+    block by block and the product is taken again.
+    """
+    x = x.detach()
+    if center is not None:
+        return _block_gram(x, center)
+    n = x.shape[0]
+    g = _block_gram(x, None)
+    h = torch.eye(n, dtype=torch.float64, device=g.device) - 1.0 / n
+    centered = h @ g @ h
+    offset = g.sum() / n**2  # squared norm of the mean row
+    if torch.isfinite(centered).all() and offset <= centered.diagonal().mean():
+        return centered
+    return _block_gram(x, "block mean")
 
 
 def sq_distances_to(x: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
@@ -139,7 +172,9 @@ def pairwise_sq_distances(x: torch.Tensor, center: torch.Tensor | str | None = N
     coordinate-wise median when one huge outlier dragged the mean far from the
     other rows (detected by comparing the rows' distances to the centre with their
     distances to each other); ``center="median"`` or a ``(d,)`` tensor fix it.
-    Memory is :math:`O(n d)` in blocks, never ``(n, n, d)``. Rows that overflow
+    The Gram matrix is accumulated over column blocks (on CPU through NumPy, whose
+    ``a @ a.T`` calls BLAS syrk and computes one triangle: half the work of a general
+    matrix product). Memory is :math:`O(n d)` in blocks, never ``(n, n, d)``. Rows that overflow
     come out at distance ``inf``. Used by Krum, Multi-Krum, Bulyan, the geometric
     median, centered clipping and NNM (chapters ``06`` to ``08``).
     """

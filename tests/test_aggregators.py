@@ -84,7 +84,7 @@ def test_krum_and_multikrum_on_a_known_case():
     mk = MultiKrum(2)
     assert torch.allclose(mk(x), honest.mean(0)) and sorted(mk.last_info["selected"].tolist()) == [0, 1, 2, 3, 4]
     assert torch.equal(MultiKrum(2, m=1)(x), Krum(2)(x))
-    assert np.allclose(k.last_info["scores"].numpy(), _krum_reference(x, 2))
+    assert np.allclose(k.last_info["scores"].numpy(), _krum_reference(x, 2), rtol=1e-3)  # float32 distances
     assert torch.allclose(MultiKrum(0, m=99)(x), x.mean(0))  # m is capped at n
 
 
