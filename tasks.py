@@ -76,7 +76,10 @@ def build_book(args: list[str]) -> int:
     """Execute every chapter (cached) and build the site; -W -n: any warning fails the build."""
     cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
     print("+", " ".join(map(str, cmd)), flush=True)
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
+    start = time.perf_counter()
+    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
+    print(f"[tasks.py] the book build took {time.perf_counter() - start:.0f} s", flush=True)
+    return rc
 
 
 def test(args: list[str]) -> int:
