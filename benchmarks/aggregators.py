@@ -14,7 +14,7 @@ References (what a first implementation would write):
 
 Each timing is the median of ``--repeats`` calls after one warm-up call; the
 calls of all rules are interleaved, so a change in machine load hits them
-alike. NNM's peak memory is the growth of the process's maximum resident set
+alike, and each rule and its reference alternate which runs first. NNM's peak memory is the growth of the process's maximum resident set
 size during one call (Linux ``VmHWM``, reset just before the call), measured in a
 fresh subprocess after the input exists; ``tracemalloc`` does not see torch's allocations.
 Goals (issue 4): Krum and Multi-Krum >= 5x the loop at n=50, d=1e6; median and
@@ -128,11 +128,17 @@ def bench(n: int, d: int, repeats: int, seed: int = 0) -> list[dict]:
             checks[name] = float((out - ref(x)).abs().max())
     times: dict[str, list[float]] = {k: [] for k in table}
     ref_times: dict[str, list[float]] = {k: [] for k, v in table.items() if v[1] is not None}
-    for _ in range(repeats):
+    for rep in range(repeats):
         for name, (ours, ref, _) in table.items():
-            times[name].append(_time(ours, x))
+            # Alternate which of the pair runs first: the first call after a large free pays
+            # the page faults of fresh memory, and that must not always be the same one.
+            first_ours = rep % 2 == 0 or ref is None
+            if first_ours:
+                times[name].append(_time(ours, x))
             if ref is not None:
                 ref_times[name].append(_time(ref, x))
+            if not first_ours:
+                times[name].append(_time(ours, x))
     rows = []
     for name, (_, ref, ref_name) in table.items():
         row = {"n": n, "d": d, "f": f, "rule": name, "seconds": float(np.median(times[name]))}
