@@ -255,8 +255,8 @@ class AdaptiveScaling(ByzantineAttack):
     Every Byzantine client sends :math:`u(\lambda) = \bar u + \lambda\, r\, p / \|p\|`:
     the honest mean :math:`\bar u` moved along a malicious direction :math:`p`
     by :math:`\lambda` times :math:`r`, the median norm of the honest updates. The
-    attacker knows the server's rule :math:`A` and picks, among ``scales``, the
-    :math:`\lambda` that pushes the aggregate farthest from the honest mean,
+    attacker knows the server's rule :math:`A` and picks the :math:`\lambda` that
+    pushes the aggregate farthest from the honest mean,
 
     .. math:: \lambda^\star = \arg\max_{\lambda} \big\|A\big(u_1, \dots, u_{n_h}, u(\lambda), \dots, u(\lambda)\big) - \bar u\big\|,
 
@@ -270,8 +270,11 @@ class AdaptiveScaling(ByzantineAttack):
     ALIE with its :math:`z` tuned against :math:`A` instead of taken from
     :func:`alie_z`. ``aggregator`` is an aggregator object (or a config name, with
     ``f``); it is copied before each trial, so a stateful rule is not disturbed.
-    ``last_scale`` holds the chosen :math:`\lambda`. The search costs one
-    aggregation per candidate scale. Chapter ``12_exercise_adaptive_attacks``.
+    The search (:meth:`search`) treats :math:`A` as a black box: it evaluates the
+    objective on ``scales`` (default :math:`2^{-6}, 2^{-5}, \dots, 2^{6}`), then
+    ``refine`` times around the best one at half the previous spacing (in
+    :math:`\log_2`), one aggregation per candidate (13 + 2 ``refine`` in all).
+    ``last_scale`` holds the chosen :math:`\lambda`. Chapter ``12_exercise_adaptive_attacks``.
     """
 
     def __init__(
@@ -279,6 +282,7 @@ class AdaptiveScaling(ByzantineAttack):
         aggregator,
         direction: str = "sign",
         scales: Sequence[float] | None = None,
+        refine: int = 2,
         f: int | None = None,
     ):
         if direction not in ("sign", "mean", "std"):
@@ -291,10 +295,12 @@ class AdaptiveScaling(ByzantineAttack):
             aggregator = get_aggregator(aggregator, f=f)
         if not callable(aggregator):
             raise ValueError(f"aggregator must be an aggregator object or name, got {aggregator!r}")
-        scales = tuple(float(s) for s in (scales if scales is not None else 2.0 ** torch.arange(-6.0, 6.25, 0.25)))
+        scales = tuple(float(s) for s in (scales if scales is not None else 2.0 ** torch.arange(-6.0, 7.0)))
         if not scales or any(not (math.isfinite(s) and s >= 0) for s in scales):
             raise ValueError("scales must be a non-empty sequence of finite numbers >= 0")
-        self.aggregator, self.direction, self.scales = aggregator, direction, scales
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+        self.aggregator, self.direction, self.scales, self.refine = aggregator, direction, scales, refine
         self.last_scale: float | None = None
 
     def perturbation(self, honest: torch.Tensor) -> torch.Tensor:
@@ -309,21 +315,46 @@ class AdaptiveScaling(ByzantineAttack):
             p = -h.std(dim=0, correction=1 if h.shape[0] > 1 else 0)
         return p / p.norm().clamp_min(1e-30)
 
-    def forge(self, honest, num_byzantine, generator):
+    def damages(self, honest: torch.Tensor, num_byzantine: int, scales: Sequence[float] | None = None) -> torch.Tensor:
+        r"""The objective :math:`\|A(\dots) - \bar u\|` at each of ``scales`` (default: the coarse grid)."""
+        check_updates(honest, "honest updates")
+        if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 1:
+            raise ValueError(f"num_byzantine must be an integer >= 1, got {num_byzantine!r}")
         h = honest.to(compute_dtype(honest.dtype))
         mu = h.mean(dim=0)
         step = h.norm(dim=1).median() * self.perturbation(h)
-        best, best_damage = 0.0, -1.0
-        for lam in self.scales:  # one aggregation per candidate: the rule is a black box to the attacker
-            candidate = torch.cat([h, _repeat(mu + lam * step, num_byzantine)]).to(honest.dtype)
-            damage = float((copy.deepcopy(self.aggregator)(candidate).to(mu.dtype) - mu).norm())
-            if damage > best_damage:
-                best, best_damage = lam, damage
+        scales = self.scales if scales is None else scales
+        out = torch.empty(len(scales), dtype=mu.dtype)
+        for i, lam in enumerate(scales):  # one aggregation per candidate: the rule is a black box here
+            candidate = torch.cat([h, _repeat(mu + float(lam) * step, num_byzantine)]).to(honest.dtype)
+            out[i] = (copy.deepcopy(self.aggregator)(candidate).to(mu.dtype) - mu).norm()
+        return out
+
+    def search(self, honest: torch.Tensor, num_byzantine: int) -> float:
+        r""":math:`\lambda^\star`: the best of ``scales``, then ``refine`` rounds that try it times
+        :math:`2^{\pm 1/2}`, :math:`2^{\pm 1/4}`, ... and keep the best (ties go to the first tried)."""
+        damage = self.damages(honest, num_byzantine)
+        i = int(torch.argmax(damage))
+        best, best_damage = self.scales[i], float(damage[i])
+        for k in range(1, self.refine + 1):
+            if best == 0.0:
+                break
+            near = [best * 2.0 ** (-(0.5**k)), best * 2.0 ** (0.5**k)]
+            d = self.damages(honest, num_byzantine, near)
+            j = int(torch.argmax(d))
+            if float(d[j]) > best_damage:
+                best, best_damage = near[j], float(d[j])
+        return best
+
+    def forge(self, honest, num_byzantine, generator):
+        h = honest.to(compute_dtype(honest.dtype))
+        best = self.search(honest, num_byzantine)
         self.last_scale = best
-        return _repeat(mu + best * step, num_byzantine)
+        return _repeat(h.mean(dim=0) + best * h.norm(dim=1).median() * self.perturbation(h), num_byzantine)
 
     def __repr__(self) -> str:
-        return f"AdaptiveScaling(aggregator={self.aggregator!r}, direction={self.direction!r}, {len(self.scales)} scales)"
+        return (f"AdaptiveScaling(aggregator={self.aggregator!r}, direction={self.direction!r}, "
+                f"{len(self.scales)} scales, refine={self.refine})")
 
 
 class DataPoisoning:

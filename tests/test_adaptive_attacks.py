@@ -51,18 +51,31 @@ def test_adaptive_scaling_stays_selected_by_krum():
 def test_adaptive_scaling_search_picks_the_most_damaging_scale():
     h = _honest(seed=1)
     scales = (0.0, 0.1, 0.5, 1.0, 2.0, 8.0)
-    # Against the mean, damage grows with the scale: the largest one wins.
-    atk = AdaptiveScaling(Mean(), direction="mean", scales=scales)
+    # Against the mean, damage grows with the scale: the largest one wins, and refining goes beyond it.
+    atk = AdaptiveScaling(Mean(), direction="mean", scales=scales, refine=0)
     atk(h, 2)
     assert atk.last_scale == 8.0
+    atk = AdaptiveScaling(Mean(), direction="mean", scales=scales, refine=2)
+    atk(h, 2)
+    assert atk.last_scale == pytest.approx(8.0 * 2**0.5 * 2**0.25)
     # Against the trimmed mean it is the scale of largest measured damage, not the largest scale.
     tm = TrimmedMean(f=2)
-    atk = AdaptiveScaling(tm, direction="std", scales=scales)
+    atk = AdaptiveScaling(tm, direction="std", scales=scales, refine=0)
     byz = atk(h, 2)
     mu, r, p = h.mean(0), h.norm(dim=1).median(), atk.perturbation(h)
     damages = [_damage(tm, h, (mu + s * r * p).expand(2, -1)) for s in scales]
     assert atk.last_scale == scales[int(np.argmax(damages))]
     assert _damage(tm, h, byz) == pytest.approx(max(damages))
+    np.testing.assert_allclose(atk.damages(h, 2).numpy(), damages, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_byzantine"):
+        atk.damages(h, 0)
+    # Refinement only ever improves on the coarse grid's best damage.
+    krum = Krum(f=2)
+    coarse = AdaptiveScaling(krum, "sign", refine=0)
+    fine = AdaptiveScaling(krum, "sign", refine=3)
+    assert _damage(krum, h, fine(h, 2)) >= _damage(krum, h, coarse(h, 2))
+    with pytest.raises(ValueError, match="refine"):
+        AdaptiveScaling(krum, refine=-1)
     # The "std" direction is ALIE's: minus the coordinate-wise standard deviation.
     torch.testing.assert_close(p, -h.std(0) / h.std(0).norm())
 
