@@ -52,6 +52,7 @@ class StackedModel(nn.Module):
         self._base = [base]  # a list hides it from nn.Module's parameter registry
         self.stacked = params
         self.num_models = next(iter(params.values())).shape[0]
+        self._mlp_layers = self._find_mlp_layers(base)
 
     def _one(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self._base[0], p, (x,))
@@ -60,8 +61,37 @@ class StackedModel(nn.Module):
         if x.shape[0] % self.num_models:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split among {self.num_models} models")
         xk = x.reshape(self.num_models, -1, *x.shape[1:])
-        out = vmap(self._one)(self.stacked, xk)
+        if self._mlp_layers is not None:
+            out = self._mlp_forward(xk)
+        else:
+            out = vmap(self._one)(self.stacked, xk)
         return out.reshape(-1, out.shape[-1])
+
+    @staticmethod
+    def _find_mlp_layers(base: nn.Module) -> list[tuple[str, nn.Module]] | None:
+        """The layers of a Flatten/Linear/ReLU stack (the book's MLP), else ``None``."""
+        if not isinstance(base, nn.Sequential):
+            return None
+        layers = list(base.named_children())
+        if all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for _, m in layers):
+            return layers
+        return None
+
+    def _mlp_forward(self, xk: torch.Tensor) -> torch.Tensor:
+        # The same computation as vmap(functional_call), as batched matrix products: vmap's
+        # per-call re-binding of parameters costs more than the arithmetic for models this small.
+        h = xk
+        for name, m in self._mlp_layers:
+            if isinstance(m, nn.Flatten):
+                h = h.flatten(2)
+            elif isinstance(m, nn.Linear):
+                w = self.stacked[f"{name}.weight"]
+                h = torch.bmm(h, w.transpose(1, 2))
+                if m.bias is not None:
+                    h = h + self.stacked[f"{name}.bias"].unsqueeze(1)
+            else:
+                h = torch.relu(h)
+        return h
 
     def detached(self) -> StackedModel:
         """The same weights without autograd history (for attacks, which need input gradients only)."""
