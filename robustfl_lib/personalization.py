@@ -69,7 +69,8 @@ def fine_tune_clients(
     settings: the FL clients' recipe). ``lr`` defaults to ``config.lr``; the
     batch size is ``config.batch_size``. Client ``k`` shuffles with a generator
     seeded from ``seed`` and ``k``, so the same call gives the same weights.
-    ``model`` is not changed.
+    ``model`` is not changed. Local fine-tuning as in Yu, Bagdasaryan & Shmatikov
+    (2020); chapter ``13_exercise_robust_personalization``.
     """
     if local_training not in ("standard", "adversarial"):
         raise ValueError(f"local_training must be 'standard' or 'adversarial', got {local_training!r}")
@@ -102,7 +103,8 @@ def evaluate_clients(
     correctly (as :func:`robustfl_lib.training.evaluate`); else robust accuracy is
     ``None``. All clients are evaluated in one batched computation: the test sets
     are padded to a common length (padding is masked out), and the attack runs
-    on the stacked models, whose examples do not interact.
+    on the stacked models, whose examples do not interact. Chapter
+    ``13_exercise_robust_personalization``.
     """
     if len(xs) != len(ys) or not xs or any(len(x) != len(y) or len(x) == 0 for x, y in zip(xs, ys)):
         raise ValueError("need one non-empty label tensor per non-empty input tensor")
@@ -160,6 +162,7 @@ def personalize(
     data). Returns ``"clients"`` and, per client, ``"clean_before"``,
     ``"clean_after"``, ``"robust_before"``, ``"robust_after"`` (the robust ones
     ``None`` without ``attack``) and ``"weights"`` (the fine-tuned ``(K, d)``).
+    Chapter ``13_exercise_robust_personalization``.
     """
     config = result.config
     parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
