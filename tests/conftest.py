@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data/mnist beside the checkout holds the official MNIST test files; tests skip without it.
@@ -24,3 +25,12 @@ def digits():
     from robustfl_lib import load_dataset
 
     return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one CPU thread is fastest, and on a busy machine a second one costs ten times more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from robustfl_lib import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one CPU thread is fastest, and on a busy machine a second one costs ten times more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(shape: tuple[int, ...], seed: int = 0, dropout: bool = True) -> nn.Module:
