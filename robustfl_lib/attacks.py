@@ -154,6 +154,18 @@ def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: st
     return grad
 
 
+def _keep_worst(
+    model: nn.Module, best: torch.Tensor, best_margin: torch.Tensor, todo: torch.Tensor, cand: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """Per example of ``todo``, keep ``cand`` in ``best`` (in place) where its logit margin is larger."""
+    with torch.no_grad():
+        cand_margin = logit_margin(model(cand), y[todo])
+    better = cand_margin > best_margin[todo]
+    best[todo[better]] = cand[better]
+    best_margin[todo[better]] = cand_margin[better]
+
+
 class InputAttack:
     """Base of the input attacks: validation, the eps=0 shortcut, eval mode and frozen parameters.
 
@@ -352,12 +364,7 @@ class PGD(InputAttack):
             todo = (best_margin <= 0).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            cand = self._run(model, x[todo], y[todo], gen)
-            with torch.no_grad():
-                cand_margin = logit_margin(model(cand), y[todo])
-            better = cand_margin > best_margin[todo]
-            best[todo[better]] = cand[better]
-            best_margin[todo[better]] = cand_margin[better]
+            _keep_worst(model, best, best_margin, todo, self._run(model, x[todo], y[todo], gen), y)
         return best
 
 
@@ -426,11 +433,6 @@ class WorstCaseEnsemble(InputAttack):
             todo = torch.arange(len(x), device=x.device) if i == 0 else (best_margin <= 0).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            cand = attack(model, x[todo], y[todo])
-            with torch.no_grad():
-                cand_margin = logit_margin(model(cand), y[todo])
-            better = cand_margin > best_margin[todo]
-            best[todo[better]] = cand[better]
-            best_margin[todo[better]] = cand_margin[better]
+            _keep_worst(model, best, best_margin, todo, attack(model, x[todo], y[todo]), y)
         return best
 
