@@ -66,3 +66,17 @@ def test_chapter_is_myst_notebook_in_toc(chapter):
     assert 'if "google.colab" in sys.modules' in text, f"{chapter.name} lacks the Colab-only install line"
     toc = (REPO / "book" / "_toc.yml").read_text()
     assert f"chapters/{chapter.stem}" in toc, f"{chapter.name} is missing from book/_toc.yml"
+
+
+def test_published_branch_is_where_colab_buttons_point():
+    """The Colab buttons open notebooks on ``colab_branch``; the publishing workflow must push the
+    site there, built with the same command as the README's (any warning fails it)."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "book.yml").read_text())
+    steps = [s for job in workflow["jobs"].values() for s in job["steps"]]
+    publish = [s for s in steps if "gh-pages" in s.get("uses", "")]
+    assert publish, "no step publishes the site"
+    config = yaml.safe_load((REPO / "book" / "_config.yml").read_text())
+    branch = config["sphinx"]["config"].get("colab_branch", "gh-pages")
+    assert publish[0]["with"]["publish_branch"] == branch
+    assert publish[0]["with"]["publish_dir"] == "book/_build/html"
+    assert any(s.get("run", "").startswith("jupyter-book build book -W -n") for s in steps)
