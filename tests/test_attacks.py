@@ -107,6 +107,74 @@ def test_cnn_on_images():
     assert in_ball(x_adv, x, 0.2, "linf") and x_adv.shape == x.shape
 
 
+# ----------------------------------------------------------------------------- channels-last fast path
+
+
+def _second_conv_layouts(model: nn.Module) -> list[bool]:
+    """Record, for each call, whether the second convolution received channels-last activations."""
+    seen: list[bool] = []
+    model[3].register_forward_hook(lambda m, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    return seen
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_path_agrees_with_the_plain_one_and_leaves_the_model_alone(channels, batchnorm):
+    torch.manual_seed(0)
+    model = SmallCNN((channels, 12, 12), 10, batchnorm=batchnorm)
+    seen = _second_conv_layouts(model)
+    state = {name: (t.clone(), t.stride(), t.data_ptr()) for name, t in model.state_dict().items()}
+    x, y = torch.rand(32, channels, 12, 12), torch.randint(0, 10, (32,))
+
+    fast = PGD(0.2, steps=5, seed=0)(model, x, y)
+    assert seen and all(seen), "automatic mode should run a CNN on CPU channels-last"
+    seen.clear()
+    plain = PGD(0.2, steps=5, seed=0, channels_last=False)(model, x, y)
+    assert seen and not any(seen)
+
+    assert fast.shape == x.shape and fast.is_contiguous()
+    # The layouts round differently, so a gradient coordinate near zero may change sign; rarely.
+    assert (fast != plain).float().mean() < 0.01
+    assert in_ball(fast, x, 0.2, "linf")
+    for name, t in model.state_dict().items():
+        value, stride, ptr = state[name]
+        assert torch.equal(t, value) and t.stride() == stride and t.data_ptr() == ptr, name
+
+
+def test_channels_last_output_keeps_the_inputs_layout():
+    torch.manual_seed(0)
+    model = SmallCNN((3, 8, 8), 10)
+    x = torch.rand(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    for attack in (FGSM(0.1), PGD(0.1, steps=2, seed=0)):
+        x_adv = attack(model, x, y)
+        assert x_adv.is_contiguous(memory_format=torch.channels_last) and in_ball(x_adv, x, 0.1, "linf")
+
+
+class _ViewNet(nn.Module):
+    """A CNN whose forward calls ``.view`` on its activations, which channels-last ones refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_model_that_needs_its_own_layout_falls_back_or_raises_when_forced():
+    torch.manual_seed(0)
+    model = _ViewNet()
+    x, y = torch.rand(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    auto = PGD(0.1, steps=3, seed=0)(model, x, y)
+    assert torch.equal(auto, PGD(0.1, steps=3, seed=0, channels_last=False)(model, x, y))
+    with pytest.raises(RuntimeError, match="view"):
+        PGD(0.1, steps=3, seed=0, channels_last=True)(model, x, y)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- side effects
 
 
@@ -297,6 +365,8 @@ def test_follows_the_inputs_device(device):
         (lambda: PGD(0.1, alpha=0.0), "alpha"),
         (lambda: PGD(0.1, seed=0, generator=torch.Generator()), "seed or generator"),
         (lambda: PGD(0.1, bounds=(1.0, 0.0)), "bounds"),
+        (lambda: PGD(0.1, channels_last="yes"), "channels_last"),
+        (lambda: FGSM(0.1, channels_last=1), "channels_last"),
         (lambda: WorstCaseEnsemble(()), "at least one"),
         (lambda: WorstCaseEnsemble((PGD(0.1), PGD(0.1, norm="l2"))), "one norm"),
     ],
