@@ -51,6 +51,9 @@ __all__ = [
 NORMS = ("linf", "l2")
 ATTACK_LOSSES = ("ce", "cw", "dlr")
 
+# What an attack's inner loop calls: the model itself, or its channels-last forward.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
 
 # --------------------------------------------------------------------------- losses
 
@@ -148,7 +151,7 @@ def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1)
 
 
-def _input_grad(model: Callable[[torch.Tensor], torch.Tensor], x_adv: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+def _input_grad(model: Forward, x_adv: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """Gradient of the summed attack loss with respect to ``x_adv`` only (a leaf requiring grad).
 
     The sum, not the mean: in eval mode examples are independent, so each row of the
@@ -160,7 +163,7 @@ def _input_grad(model: Callable[[torch.Tensor], torch.Tensor], x_adv: torch.Tens
 
 
 def _keep_worst(
-    model: Callable[[torch.Tensor], torch.Tensor], best: torch.Tensor, best_margin: torch.Tensor, todo: torch.Tensor, cand: torch.Tensor,
+    model: Forward, best: torch.Tensor, best_margin: torch.Tensor, todo: torch.Tensor, cand: torch.Tensor,
     y: torch.Tensor,
 ) -> None:
     """Per example of ``todo``, keep ``cand`` in ``best`` (in place) where its logit margin is larger."""
@@ -171,7 +174,7 @@ def _keep_worst(
     best_margin[todo[better]] = cand_margin[better]
 
 
-def _channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _channels_last_forward(model: nn.Module) -> Forward:
     """``model``'s forward with its 4-D (convolution) weights in channels-last layout.
 
     The model itself is not touched: :func:`torch.func.functional_call` runs it with
@@ -197,31 +200,14 @@ def _use_channels_last(model: nn.Module, x: torch.Tensor, setting: bool | None) 
     return x.ndim == 4 and x.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _run_channels_last(
-    run: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, setting: bool | None,
-) -> torch.Tensor:
-    """``run(forward, x, y)`` with the channels-last forward where it applies, else with ``model``.
-
-    In auto mode (``setting=None``) a model that cannot take channels-last activations (one
-    that calls ``.view`` on them raises a RuntimeError) is run again with its own layout.
-    """
-    if not _use_channels_last(model, x, setting):
-        return run(model, x, y)
-    try:
-        out = run(_channels_last_forward(model), x.contiguous(memory_format=torch.channels_last), y)
-    except RuntimeError:
-        if setting:
-            raise
-        return run(model, x, y)
-    return out
-
-
 class InputAttack:
     """Base of the input attacks: validation, the eps=0 shortcut, eval mode and frozen parameters.
 
-    Subclasses set ``eps``, ``norm`` and ``bounds`` and implement ``_perturb(model, x, y)``,
-    which runs with gradients enabled, the model in eval mode and its parameters frozen.
+    Subclasses set ``eps``, ``norm``, ``bounds`` and ``channels_last`` and implement
+    ``_attack(forward, x, y)``, which runs with gradients enabled, the model in eval mode and
+    its parameters frozen; ``forward`` is the model or its channels-last forward (see
+    :class:`PGD`). An attack that must see the module itself (the ensemble, which calls other
+    attacks) overrides ``_perturb(model, x, y)`` instead.
     ``scaled(factor)`` returns a copy with the budget (and step size) multiplied by
     ``factor``: :func:`robustfl_lib.training.adversarial_train` uses it for its eps warm-up.
     """
@@ -229,6 +215,7 @@ class InputAttack:
     eps: float
     norm: str
     bounds: tuple[float, float]
+    channels_last: bool | None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -256,6 +243,22 @@ class InputAttack:
         return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``_attack`` with the channels-last forward where it applies, else with ``model``.
+
+        In automatic mode (``channels_last=None``) a model that cannot take channels-last
+        activations (one that calls ``.view`` on them raises a RuntimeError) is run again with
+        its own layout.
+        """
+        if not _use_channels_last(model, x, self.channels_last):
+            return self._attack(model, x, y)
+        try:
+            return self._attack(_channels_last_forward(model), x.contiguous(memory_format=torch.channels_last), y)
+        except RuntimeError:
+            if self.channels_last:
+                raise
+            return self._attack(model, x, y)
+
+    def _attack(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def scaled(self, factor: float) -> InputAttack:
@@ -288,10 +291,7 @@ class FGSM(InputAttack):
         if self.loss not in ATTACK_LOSSES:
             raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {ATTACK_LOSSES}")
 
-    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _run_channels_last(self._step, model, x, y, self.channels_last)
-
-    def _step(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _attack(self, model: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.clone().requires_grad_(True)
         grad = _input_grad(model, x_adv, y, self.loss)
         return (x + self.eps * grad.sign()).clamp_(*self.bounds)
@@ -327,7 +327,7 @@ class PGD(InputAttack):
 
     ``channels_last``: ``None`` (default) runs image batches ``(N, C, H, W)`` through a model
     with 2-D convolutions on a CPU with channels-last copies of its convolution weights, which
-    makes each step about 1.5x faster there (``benchmarks/attacks.py``); the model is not
+    makes each step about 1.6x faster there (``benchmarks/attacks.py``); the model is not
     modified, and one that cannot take channels-last activations is run as it is. ``True``
     forces it (errors propagate), ``False`` turns it off. The two layouts round differently,
     so the adversarial examples can differ where a gradient coordinate is almost zero.
@@ -396,7 +396,7 @@ class PGD(InputAttack):
         return noise.add_(x)
 
     # -- one run
-    def _run(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def _run(self, model: Forward, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         lo_b, hi_b = self.bounds
         if self.norm == "linf":
             # Ball and box in one clamp: [max(x - eps, lo), min(x + eps, hi)].
@@ -422,10 +422,7 @@ class PGD(InputAttack):
                 x_adv.add_(x).clamp_(lo_b, hi_b)
         return x_adv.detach()
 
-    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _run_channels_last(self._restarts, model, x, y, self.channels_last)
-
-    def _restarts(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _attack(self, model: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gen = self._generator()
         best = self._run(model, x, y, gen)
         if self.restarts == 1:
