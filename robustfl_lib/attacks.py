@@ -8,7 +8,11 @@ the worst point of the eps-ball around ``x`` (intersected with the valid input b
 loss ``L``. Every attack here is an object configured once and called on data,
 ``attack(model, x, y) -> x_adv``, and keeps the same contract:
 
-* ``x_adv`` lies in the eps-ball (linf or l2) around ``x`` and in ``bounds`` (default [0, 1]);
+* ``x_adv`` lies in the eps-ball (linf or l2) around ``x`` and in ``bounds`` (default [0, 1]).
+  In floating point the linf ball is exact: every coordinate satisfies
+  ``|x_adv - x| <= eps_hat`` in exact arithmetic, with ``eps_hat`` the largest number of
+  ``x``'s dtype that is ``<= eps`` (:func:`linf_bounds`), so not even rounding by one ulp
+  takes a point out of the real eps-ball; the l2 ball holds up to the rounding of a norm;
 * the model's train/eval mode (of every submodule) and its parameters' ``requires_grad``
   and ``.grad`` are as they were before the call; the model is run in eval mode;
 * any input shape ``(N, ...)``: flat vectors, ``(C, H, W)`` images, RGB;
@@ -44,6 +48,7 @@ __all__ = [
     "attack_loss",
     "logit_margin",
     "attack_mode",
+    "linf_bounds",
     "NORMS",
     "ATTACK_LOSSES",
 ]
@@ -140,6 +145,41 @@ def _check_bounds(bounds: tuple[float, float]) -> None:
 def _check_channels_last(setting: bool | None) -> None:
     if setting is not None and not isinstance(setting, bool):
         raise ValueError(f"channels_last must be True, False or None (automatic), got {setting!r}")
+
+
+def _two_sum_error(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``a + b - s`` exactly, for ``s = fl(a + b)`` (Knuth's TwoSum, valid in any binary
+    dtype with round-to-nearest and no overflow): the sign says which way the sum rounded."""
+    b_virtual = s - a
+    return (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def linf_bounds(x: torch.Tensor, eps: float, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per coordinate ``[lo, hi]``: the linf eps-ball around ``x`` intersected with ``bounds``,
+    exactly, in ``x``'s dtype.
+
+    The budget becomes :math:`\hat\epsilon`, the largest number of the dtype with
+    :math:`\hat\epsilon \le \epsilon` (float32 rounds 0.1 *up* to 0.10000000149; that is
+    one ulp outside the ball, so it is stepped down). ``hi`` is the largest representable
+    number :math:`\le x + \hat\epsilon`, ``lo`` the smallest :math:`\ge x - \hat\epsilon`:
+    round-to-nearest of ``x + eps`` lands outside the ball for about half the coordinates of
+    a uniform ``x`` in float32 (by up to half an ulp of ``x + eps``), so the rounding
+    direction is read off the exact error of the sum (:func:`_two_sum_error`) and corrected
+    by one ulp (``torch.nextafter``). Then ``lo >= bounds[0]``, ``hi <= bounds[1]``. Every
+    point of ``[lo, hi]`` is in the real eps-ball: :math:`|x' - x| \le \hat\epsilon \le
+    \epsilon` in exact arithmetic, hence also ``(x' - x).abs() <= eps_hat`` when computed in
+    the dtype. FGSM and linf PGD (chapter ``01_adversarial_examples``) clamp to it after
+    every step, which for linf is the exact projection onto ball and box.
+    """
+    e = torch.tensor(eps, dtype=torch.float64).to(x.dtype)
+    if float(e) > eps:
+        e = torch.nextafter(e, torch.zeros_like(e))
+    e = e.to(x.device)
+    hi = x + e
+    hi = torch.where(_two_sum_error(x, e, hi) < 0, torch.nextafter(hi, torch.full_like(hi, -math.inf)), hi)
+    lo = x - e
+    lo = torch.where(_two_sum_error(x, -e, lo) > 0, torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
+    return lo.clamp_(min=bounds[0]), hi.clamp_(max=bounds[1])
 
 
 def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -272,8 +312,10 @@ class InputAttack:
 class FGSM(InputAttack):
     """Fast Gradient Sign Method (Goodfellow, Shlens & Szegedy 2015), an linf attack.
 
-    ``x_adv = clip_[0,1](x + eps * sign(grad_x L(f(x), y)))``: one step to the corner of the
-    linf ball that a linear model of the loss says is worst. Chapter ``01_adversarial_examples``
+    ``x_adv = clip_[lo,hi](x + eps * sign(grad_x L(f(x), y)))``: one step to the corner of the
+    linf ball that a linear model of the loss says is worst, with ``[lo, hi]`` the ball
+    intersected with ``[0, 1]`` as :func:`linf_bounds` computes it, so that rounding of
+    ``x + eps`` never leaves the ball (not even by one ulp). Chapter ``01_adversarial_examples``
     shows that it underestimates what an iterative attack (:class:`PGD`) finds.
     ``channels_last`` is as for :class:`PGD`.
     """
@@ -294,7 +336,8 @@ class FGSM(InputAttack):
     def _attack(self, model: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.clone().requires_grad_(True)
         grad = _input_grad(model, x_adv, y, self.loss)
-        return (x + self.eps * grad.sign()).clamp_(*self.bounds)
+        lo, hi = linf_bounds(x, self.eps, self.bounds)
+        return (x + self.eps * grad.sign()).clamp_(lo, hi)
 
     def scaled(self, factor: float) -> FGSM:
         return replace(self, eps=self.eps * factor)
@@ -315,7 +358,8 @@ class PGD(InputAttack):
 
     with ``g_t = grad_x L(f(x_t), y)`` and ``Proj`` the projection onto the eps-ball around ``x``
     followed by clipping to ``bounds``. For linf the two are one clamp to
-    ``[max(x - eps, 0), min(x + eps, 1)]``, the exact projection onto their intersection; for
+    ``[max(x - eps, 0), min(x + eps, 1)]``, the exact projection onto their intersection
+    (with the ball's ends rounded inwards, :func:`linf_bounds`); for
     l2 clipping after the ball projection only moves coordinates towards ``x``, so the result
     stays in the ball. ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al.), enough to
     cross the ball from any start.
@@ -399,9 +443,8 @@ class PGD(InputAttack):
     def _run(self, model: Forward, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         lo_b, hi_b = self.bounds
         if self.norm == "linf":
-            # Ball and box in one clamp: [max(x - eps, lo), min(x + eps, hi)].
-            lo = (x - self.eps).clamp_(min=lo_b)
-            hi = (x + self.eps).clamp_(max=hi_b)
+            # Ball and box in one clamp, with bounds rounded inwards (see linf_bounds).
+            lo, hi = linf_bounds(x, self.eps, self.bounds)
             x_adv = self._start(x, gen).clamp_(lo, hi) if self.random_start else x.clone()
             x_adv.requires_grad_(True)
             for _ in range(self.steps):

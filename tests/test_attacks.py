@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+import numpy as np
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,6 +18,7 @@ from robustfl_lib import (
     WorstCaseEnsemble,
     attack_loss,
     evaluate,
+    linf_bounds,
     logit_margin,
     train,
 )
@@ -59,9 +61,17 @@ def all_attacks(eps: float = 0.1) -> list:
 
 
 def in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> bool:
+    if norm == "linf":  # exact: float32 differences are exact in float64 for inputs in [0, 1] of these sizes
+        return bool(((x_adv.double() - x.double()).abs() <= eps).all())
     delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
-    return bool((size <= eps * (1 + 1e-5) + 1e-7).all())
+    return bool((delta.norm(dim=1) <= eps * (1 + 1e-5) + 1e-7).all())
+
+
+def eps_in_dtype(eps: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= eps (NumPy's rounding, independent of the library)."""
+    np_dtype = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    e = np_dtype(eps)
+    return float(np.nextafter(e, np_dtype(0)) if float(e) > eps else e)
 
 
 ATTACK_IDS = ["fgsm", "pgd", "pgd-l2", "pgd-restarts", "pgd-dlr", "pgd-l2-cw", "ensemble", "ensemble-l2"]
@@ -261,6 +271,52 @@ def test_does_not_touch_global_rng_when_seeded():
     torch.manual_seed(123)
     PGD(0.1, steps=2, seed=7)(model, x, y)
     assert torch.equal(torch.rand(3), expected)
+
+
+# The eps-ball in floating point: x' is in it when |x' - x| <= eps_hat in exact arithmetic, with eps_hat
+# the largest number of x's dtype that is <= eps. Checked twice: in float32, as a user would check it,
+# and in float64 against the real eps (exact here: both inputs are float32 in [0, 1]).
+@settings(max_examples=30, deadline=None)
+@given(eps=st.sampled_from([0.1, 0.3, 1 / 255, 8 / 255]) | st.floats(1e-6, 1.0), seed=st.integers(0, 10_000))
+@example(eps=0.1, seed=0)  # round-to-nearest of x + 0.1 leaves the float32 ball for half the coordinates
+@example(eps=0.3, seed=0)  # float32(0.3) > 0.3: x + float32(eps) leaves the real ball
+@example(eps=1 / 255, seed=1)
+@example(eps=8 / 255, seed=2)
+def test_fgsm_and_linf_pgd_never_leave_the_ball_by_one_ulp(eps, seed):
+    shape = (40,)
+    model = tiny_model(shape, dropout=False)
+    x, y = batch(shape, n=32, seed=seed)
+    # the edges of the box and of float32: 0, 1, the float below 1, the smallest subnormal
+    x[0, :4] = torch.tensor([0.0, 1.0, float(np.nextafter(np.float32(1), np.float32(0))), 1e-45])
+    eps_hat = eps_in_dtype(eps, torch.float32)
+    for attack in (FGSM(eps), PGD(eps, steps=2, seed=seed), PGD(eps, steps=2, random_start=False)):
+        x_adv = attack(model, x, y)
+        assert ((x_adv - x).abs() <= eps_hat).all(), attack
+        assert ((x_adv.double() - x.double()).abs() <= eps).all(), attack
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    eps=st.sampled_from([0.1, 0.3, 1 / 255, 8 / 255]) | st.floats(1e-6, 2.0),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+)
+def test_linf_bounds_are_the_exact_ball_rounded_inwards(eps, seed, dtype):
+    x = torch.rand(2_000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    x[:3] = torch.tensor([0.0, 1.0, 0.5], dtype=dtype)
+    lo, hi = linf_bounds(x, eps)
+    assert lo.dtype == hi.dtype == dtype
+    eps_hat = eps_in_dtype(eps, dtype)
+    # inside: exact for float16/float32 in float64; for float64 inputs the check rounds once
+    assert ((hi.double() - x.double()) <= eps_hat).all() and ((x.double() - lo.double()) <= eps_hat).all()
+    assert (lo >= 0).all() and (hi <= 1).all() and (lo <= x).all() and (x <= hi).all()
+    # and tight: the next number outwards is outside the ball or the box
+    up = torch.nextafter(hi, torch.full_like(hi, 2.0))
+    down = torch.nextafter(lo, torch.full_like(lo, -1.0))
+    if dtype != torch.float64:
+        assert ((up.double() - x.double() > eps_hat) | (hi == 1)).all()
+        assert ((x.double() - down.double() > eps_hat) | (lo == 0)).all()
 
 
 # ----------------------------------------------------------------------------- the update rule
