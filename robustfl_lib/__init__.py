@@ -11,6 +11,7 @@ from .byzantine import *  # noqa: F401,F403
 from .checkpoint import *  # noqa: F401,F403
 from .comparison import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
+from .evidence import *  # noqa: F401,F403
 from .diagrams import *  # noqa: F401,F403
 from .experiments import *  # noqa: F401,F403
 from .federated import *  # noqa: F401,F403
