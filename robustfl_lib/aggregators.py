@@ -32,6 +32,7 @@ Conventions shared by every robust rule (:class:`RobustAggregator`):
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,8 @@ from .robust_stats import (
 __all__ = [
     "Aggregator",
     "RobustAggregator",
+    "NonFiniteBeyondTolerance",
+    "spread_radius",
     "Mean",
     "Median",
     "TrimmedMean",
@@ -159,12 +162,33 @@ class Mean(Aggregator):
         return (w @ updates.to(w.dtype)).to(updates.dtype), {"weights": w}
 
 
+class NonFiniteBeyondTolerance(RuntimeWarning):
+    """More updates were non-finite than the rule tolerates Byzantine clients (see
+    :meth:`RobustAggregator.tolerated`): dropping them all leaves a result without a guarantee."""
+
+
 class RobustAggregator(Aggregator):
     """Base class of the robust rules: checks ``n`` against ``f``, drops non-finite
     rows (lowering ``f`` by one per dropped row), calls :meth:`aggregate_finite`
-    and records ``last_info`` in the input's row numbering."""
+    and records ``last_info`` in the input's row numbering.
+
+    Dropping rests on a premise: every non-finite row is Byzantine, so ``k`` of them
+    leave at most ``f - k`` Byzantine rows among the rest. When ``k`` exceeds what the
+    rule tolerates (:meth:`tolerated`: ``f`` for rules that take it; fewer than half the
+    rows for the median, the geometric median and centered clipping), the premise is
+    broken: the rule still returns its value on the finite rows, computed with
+    ``f = 0``, but it warns (:class:`NonFiniteBeyondTolerance`) and records
+    ``last_info["nonfinite_beyond_tolerance"] = k - tolerated`` (0 when the premise holds).
+    """
 
     robust = True
+
+    def tolerated(self, n: int) -> int:
+        """How many of ``n`` rows may be Byzantine (non-finite rows included) with the
+        rule's guarantee intact: ``f`` for rules that take ``f``, else ``ceil(n/2) - 1``."""
+        if "f" in inspect.signature(type(self)).parameters:
+            return self.f
+        return (n + 1) // 2 - 1
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         n = updates.shape[0]
@@ -173,6 +197,7 @@ class RobustAggregator(Aggregator):
         if bool(finite.all()):
             out, info = self.aggregate_finite(updates, weights, 0)
             info["dropped"] = []
+            info["nonfinite_beyond_tolerance"] = 0
             self.last_info = info
             return out.to(updates.dtype)
         rows = finite.nonzero().flatten()
@@ -183,7 +208,18 @@ class RobustAggregator(Aggregator):
             self.requirement(len(rows), max(self.f - dropped, 0))
         except ValueError as err:
             raise ValueError(f"after dropping {dropped} non-finite update(s), {len(rows)} remain: {err}") from None
+        beyond = dropped - self.tolerated(n)
+        if beyond > 0:
+            warnings.warn(
+                f"{self!r}: {dropped} of {n} updates are non-finite, more than the {self.tolerated(n)} Byzantine "
+                f"client(s) the rule tolerates; the premise that every non-finite update is Byzantine and the "
+                f"rest are mostly honest no longer holds, so the result carries no guarantee (it is the rule "
+                f"applied to the {len(rows)} finite updates with f = 0)",
+                NonFiniteBeyondTolerance,
+                stacklevel=3,
+            )
         out, info = self.aggregate_finite(updates[rows], None if weights is None else weights[rows], dropped)
+        info["nonfinite_beyond_tolerance"] = max(beyond, 0)
         for key, value in info.items():
             if key == "selected":
                 info[key] = rows[value]
@@ -438,28 +474,57 @@ class GeometricMedian(RobustAggregator):
         return full.to(ct) @ updates.to(ct), {"weights": full, "iterations": it}
 
 
-class CenteredClipping(RobustAggregator):
-    r"""Centered clipping (Karimireddy, He & Jaggi 2021).
+def spread_radius(dist: torch.Tensor) -> torch.Tensor:
+    r"""The typical distance between two rows, :math:`\operatorname{med}_i \operatorname{med}_{j \ne i} \|x_i - x_j\|`,
+    from squared distances ``(n, n)`` (float64 scalar; rows at an infinite distance count as far).
+    The default radius of :class:`CenteredClipping`. One row alone has no spread: 0."""
+    n = dist.shape[0]
+    if n < 2:
+        return torch.zeros((), dtype=torch.float64, device=dist.device)
+    off = dist.masked_select(~torch.eye(n, dtype=torch.bool, device=dist.device)).reshape(n, n - 1)
+    return off.sqrt().median(dim=1).values.median()
 
-    Starting from a centre :math:`v_0`, repeat ``iterations`` times
+
+class CenteredClipping(RobustAggregator):
+    r"""Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from History for
+    Byzantine Robust Optimization", ICML).
+
+    Starting from a centre :math:`v_0`, repeat ``iterations`` (:math:`L`) times
 
     .. math:: v \leftarrow v + \frac1n \sum_i (x_i - v)\,\min\!\Big(1, \frac{\tau}{\|x_i - v\|}\Big):
 
-    each update may pull the centre by at most :math:`\tau/n`, so ``f``
-    Byzantine clients move it by at most :math:`f\tau/n` per iteration. It needs
-    no ``f``. ``tau=None`` sets :math:`\tau` to the median distance of the updates
-    from :math:`v_0` (scale-free). ``init``: ``"median"`` (coordinate-wise median,
-    stateless, the default), ``"zero"``, or ``"previous"``: the last output, as in
-    the paper, where the centre carries over between rounds (zero at first; reset
-    by :meth:`reset`). Every iterate is an affine combination of the rows and
-    :math:`v_0`, so the iterations work on squared distances only.
-    ``last_info["weights"]``: each row's coefficient in the output. Chapter
-    ``08_stronger_aggregators``.
+    each update may pull the centre by at most :math:`\tau/n`, so ``f`` Byzantine
+    clients move it by at most :math:`f\tau/n` per iteration. It needs no ``f``.
+
+    **The radius.** The paper's analysis takes :math:`\tau` of the order of the honest
+    updates' spread around the centre, and its experiments fix :math:`\tau` by hand
+    (ByzFL's default: :math:`\tau = 100`, :math:`L = 1`). ``tau=None`` estimates the
+    spread from the updates themselves, independently of the centre:
+
+    .. math:: \tau = \operatorname{med}_i\, \operatorname{med}_{j \ne i} \|x_i - x_j\|,
+
+    the typical distance between two updates. With fewer than half the rows Byzantine
+    most of these pairs are honest, so Byzantine clients cannot inflate it, and unlike
+    a radius measured from :math:`v_0` it does not grow when the centre is far from the
+    updates (which would make every row "inside" and the rule the plain mean).
+    A float fixes :math:`\tau`.
+
+    **The centre.** ``init="median"`` (default, stateless): the coordinate-wise median;
+    ``"zero"``; ``"previous"``: the last output, as in the paper, where the server
+    centres at the previous round's aggregate and the clients send worker momentum
+    (:math:`v_0 = 0` in the first round; :meth:`reset` forgets it; saved in FL checkpoints).
+    The output equals the mean exactly when every update lies within :math:`\tau` of
+    every iterate (then each step is the plain average); otherwise the far updates pull
+    with length :math:`\tau` only.
+
+    Every iterate is an affine combination of the rows and :math:`v_0`, so the
+    iterations work on squared distances only. ``last_info["weights"]``: each row's
+    coefficient in the output; ``["tau"]``: the radius used. Chapter ``08_stronger_aggregators``.
     """
 
     def __init__(self, tau: float | None = None, iterations: int = 3, init: str = "median"):
         if tau is not None and not tau > 0:
-            raise ValueError(f"tau must be > 0 (or None for the median distance), got {tau!r}")
+            raise ValueError(f"tau must be > 0 (or None for the spread of the updates), got {tau!r}")
         if not iterations >= 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if init not in ("median", "zero", "previous"):
@@ -497,8 +562,7 @@ class CenteredClipping(RobustAggregator):
         m = int(live.sum())
         coef = torch.zeros(m, dtype=torch.float64, device=dist.device)
         coef[-1] = 1.0
-        to_rows = d_live[-1, :-1].sqrt()
-        tau = to_rows.median() if self.tau is None else torch.tensor(float(self.tau), dtype=torch.float64, device=dist.device)
+        tau = spread_radius(dist[:n, :n]) if self.tau is None else torch.tensor(float(self.tau), dtype=torch.float64, device=dist.device)
         for _ in range(self.iterations):
             r = _affine_sq_distances(d_live, coef)[:-1].sqrt()
             alpha = torch.where(r > tau, tau / r, torch.ones_like(r)) / n
@@ -591,6 +655,14 @@ class Pipeline(RobustAggregator):
     def requirement(self, n: int, f: int) -> None:
         for s in self.steps:
             s.requirement(n, max(s.f - (self.f - f), 0))
+
+    def tolerated(self, n: int) -> int:
+        """The least that any step tolerates: ``f`` of each pre-aggregator that takes ``f``,
+        and the final rule's own tolerance (0 for a rule that is not robust)."""
+        last = self.steps[-1]
+        bounds = [s.f for s in self.steps[:-1] if "f" in inspect.signature(type(s)).parameters]
+        bounds.append(last.tolerated(n) if isinstance(last, RobustAggregator) else 0)
+        return min(bounds)
 
     def reset(self) -> None:
         self.steps[-1].reset()

@@ -7,9 +7,11 @@ works on its device, with no Python loop over clients or coordinates:
 * :func:`sort_columns`, :func:`coordinate_median`: order statistics per coordinate
   (chapters ``04_median`` and ``05_trimmed_mean``);
 * :func:`pairwise_sq_distances`: all squared Euclidean distances ``||x_i - x_j||^2``
-  from one Gram matrix of *centered* updates, so that a large common offset (raw
-  weights instead of deltas) does not cancel the digits that decide Krum's choice
-  (chapters ``06_krum`` to ``08_stronger_aggregators``).
+  from one Gram matrix of updates centred at a central row, every pair certified and
+  recomputed exactly where the centre does not suit it, so that neither a large
+  common offset (raw weights instead of deltas) nor far outliers cancel the digits
+  that decide Krum's choice (chapters ``06_krum`` to ``08_stronger_aggregators``);
+* :func:`sq_distances_to`: distances of every row to one point, in float64.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ __all__ = ["check_updates", "finite_rows", "sort_columns", "coordinate_median", 
 # Columns per block of the Gram accumulation: about 4 MiB of float32 per block keeps
 # the block in cache while it is centered and multiplied.
 _BLOCK_ELEMENTS = 1 << 20
-# A centre this many times farther from the rows than the rows are from each other
-# means an outlier dragged the mean; distances are then recomputed around the median.
-_RECENTER_RATIO = 16.0
+# Coordinates sampled (in float64) to choose the row the Gram matrix is centred at.
+_CENTRE_SAMPLE = 1 << 12
+# A pair whose distance is smaller than 1/16 of (||a_i|| + ||a_j||)^2 around the centre would
+# lose more than 16x the product's rounding: its distance is recomputed from differences.
+_AMPLIFICATION = 16.0
 
 
 def check_updates(updates: torch.Tensor, what: str = "updates") -> torch.Tensor:
@@ -86,9 +90,33 @@ def coordinate_median(x: torch.Tensor, sorted_x: torch.Tensor | None = None) -> 
     return lo + (hi - lo) / 2 if x.dtype == torch.float64 else ((lo.double() + hi.double()) / 2).to(x.dtype)
 
 
-def _block_gram(x: torch.Tensor, center: torch.Tensor | str | None) -> torch.Tensor:
-    """Gram matrix of the rows of ``x - center`` in float64, accumulated over column
-    blocks; ``center="block mean"`` centers each block at its own column means."""
+def _central_row(x: torch.Tensor) -> int:
+    """A row near the majority of the rows: the one whose median distance to the others,
+    measured in float64 on a sample of coordinates, is smallest (a medoid).
+
+    It only chooses where the Gram matrix is centred, which decides how much rounding the
+    float32 product suffers, never which distances come out: :func:`pairwise_sq_distances`
+    certifies every distance afterwards and recomputes those the centre does not suit.
+    """
+    n, d = x.shape
+    if d > _CENTRE_SAMPLE:
+        # Evenly spaced runs of contiguous coordinates: a small part of the memory that
+        # as many single strided coordinates would touch.
+        runs, width = 16, _CENTRE_SAMPLE // 16
+        starts = torch.arange(runs, device=x.device) * ((d - width) // (runs - 1))
+        cols = (starts[:, None] + torch.arange(width, device=x.device)[None, :]).flatten()
+        x = x.index_select(1, cols)
+    sample = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    sample = sample - sample.mean(dim=0)  # float64 keeps the honest digits even around a dragged mean: enough to choose
+    gram = sample @ sample.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    return int(dist.median(dim=1).values.argmin())
+
+
+def _block_gram(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the rows of ``x - center``: each column block is centred and
+    multiplied in the compute dtype (:func:`compute_dtype`), the blocks are summed in float64."""
     n, d = x.shape
     ct = compute_dtype(x.dtype)
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
@@ -100,54 +128,41 @@ def _block_gram(x: torch.Tensor, center: torch.Tensor | str | None) -> torch.Ten
     on_cpu = x.device.type == "cpu" and n * d >= 1 << 24
     # A loop over column blocks, not coordinates: each block is one vectorized matmul, and
     # centering a cache-sized block costs nothing next to centering the whole (n, d) tensor.
+    if on_cpu:  # NumPy also centres a strided block faster than torch does
+        xn, cn = x.to(ct).numpy() if x.dtype != ct else x.numpy(), center.to(ct).numpy()
     for start in range(0, d, block):
-        xb = x[:, start : start + block].to(ct)
-        if isinstance(center, str):
-            xb = xb - xb.mean(dim=0)
-        elif center is not None:
-            xb = xb - center[start : start + block].to(ct)
         if on_cpu:
-            a = np.ascontiguousarray(xb.numpy())
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow means "infinitely far"
+                a = xn[:, start : start + block] - cn[start : start + block]
                 gram += torch.from_numpy(a @ a.T)
         else:
+            xb = x[:, start : start + block].to(ct) - center[start : start + block].to(ct)
             gram += (xb @ xb.T).double()
     return gram
 
 
-def _gram(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrix of the rows of ``x - center`` in float64 (``center=None``: the mean row).
-
-    With ``center=None`` the uncentered Gram matrix ``G`` is computed first and centered
-    exactly in float64, ``H G H`` with ``H = I - 11^T/n``. Its rounding error is that of
-    ``G``, about float32 epsilon times the rows' squared norms: as good as centering the
-    data first whenever the mean row is no longer than a typical centered row (deltas).
-    When it is longer (raw weights share the model's weights), the rows are centered
-    block by block and the product is taken again.
-    """
-    x = x.detach()
-    if center is not None:
-        return _block_gram(x, center)
-    n = x.shape[0]
-    g = _block_gram(x, None)
-    h = torch.eye(n, dtype=torch.float64, device=g.device) - 1.0 / n
-    centered = h @ g @ h
-    offset = g.sum() / n**2  # squared norm of the mean row
-    if torch.isfinite(centered).all() and offset <= centered.diagonal().mean():
-        return centered
-    return _block_gram(x, "block mean")
+def _direct_sq_distances(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``||x_i - x_j||^2`` for the given pairs, in float64 from explicit differences
+    (no Gram identity, so no cancellation), over column blocks."""
+    n, d = x.shape
+    out = torch.zeros(len(i), dtype=torch.float64, device=x.device)
+    block = max(256, _BLOCK_ELEMENTS // max(len(i), 1))
+    for start in range(0, d, block):
+        xb = x[:, start : start + block].double()
+        out += (xb[i] - xb[j]).square().sum(dim=1)
+    return torch.nan_to_num(out, nan=torch.inf, posinf=torch.inf)
 
 
 def sq_distances_to(x: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """``||x_i - point||^2`` for every row, float64 ``(n,)``, accumulated over column
-    blocks (no ``(n, d)`` temporary); an overflow gives ``inf``."""
+    """``||x_i - point||^2`` for every row, float64 ``(n,)``, from explicit differences in
+    float64 over column blocks (exact up to float64 rounding, no ``(n, d)`` temporary);
+    an overflow gives ``inf``."""
     n, d = x.shape
-    ct = compute_dtype(x.dtype)
     out = torch.zeros(n, dtype=torch.float64, device=x.device)
     block = max(1024, _BLOCK_ELEMENTS // n)
     for start in range(0, d, block):
-        diff = x[:, start : start + block].to(ct) - point[start : start + block].to(ct)
-        out += diff.square().sum(dim=1).double()
+        diff = x[:, start : start + block].double() - point[start : start + block].double()
+        out += diff.square().sum(dim=1)
     return torch.nan_to_num(out, nan=torch.inf, posinf=torch.inf)
 
 
@@ -156,47 +171,63 @@ def _distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
     gram = (gram + gram.T) / 2
     sq = gram.diagonal()
     dist = sq[:, None] + sq[None, :] - 2 * gram
-    # Rounding can make a tiny distance negative; an overflowed norm gives inf or inf - inf:
-    # such rows are infinitely far from the others.
-    dist = torch.nan_to_num(dist, nan=torch.inf, posinf=torch.inf).clamp_min_(0)
-    dist.fill_diagonal_(0)
-    return dist
+    # An overflowed norm gives inf or inf - inf; those pairs are certified (recomputed) next.
+    return torch.nan_to_num(dist, nan=torch.inf, posinf=torch.inf, neginf=torch.inf)
 
 
 def pairwise_sq_distances(x: torch.Tensor, center: torch.Tensor | str | None = None) -> torch.Tensor:
-    r"""All squared distances :math:`D_{ij} = \|x_i - x_j\|^2`, an ``(n, n)`` float64 tensor.
+    r"""All squared distances :math:`D_{ij} = \|x_i - x_j\|^2`, an ``(n, n)`` float64 tensor,
+    each within a few float32 roundings of the exact value, whatever the rows' common offset
+    or the outliers among them.
 
-    Computed as :math:`D_{ij} = G_{ii} + G_{jj} - 2 G_{ij}` from the Gram matrix
-    :math:`G` of the **centered** rows :math:`x_i - c`. Distances do not depend on
-    :math:`c`, but rounding does: the identity loses every digit that the rows share,
-    so with raw weights (a large common offset) an uncentered Gram matrix would pick
-    the wrong Krum update. ``center=None`` uses the mean row, and falls back to the
-    coordinate-wise median when one huge outlier dragged the mean far from the
-    other rows (detected by comparing the rows' distances to the centre with their
-    distances to each other); ``center="median"`` or a ``(d,)`` tensor fix it.
-    The Gram matrix is accumulated over column blocks (on CPU through NumPy, whose
-    ``a @ a.T`` calls BLAS syrk and computes one triangle: half the work of a general
-    matrix product). Memory is :math:`O(n d)` in blocks, never ``(n, n, d)``. Rows that overflow
-    come out at distance ``inf``. Used by Krum, Multi-Krum, Bulyan, the geometric
-    median, centered clipping and NNM (chapters ``06`` to ``08``).
+    Computed as :math:`D_{ij} = G_{ii} + G_{jj} - 2 G_{ij}` from the Gram matrix :math:`G`
+    of the rows centred at :math:`c`, :math:`a_i = x_i - c`. Distances do not depend on
+    :math:`c`, but rounding does: the product's error in :math:`D_{ij}` is of the order of
+    the unit roundoff times :math:`(\|a_i\| + \|a_j\|)^2`, so a centre far from two rows
+    (a common offset of raw weights, a mean dragged by a huge outlier) loses the digits of
+    their distance. Hence exactness by construction, in two steps:
+
+    1. the centre is a data row near the majority (``center=None``: the medoid of a
+       float64 sample of coordinates), or ``center="median"`` (the coordinate-wise
+       median) or a given ``(d,)`` tensor;
+    2. every pair is **certified**: when the amplification
+       :math:`(\|a_i\| + \|a_j\|)^2 / D_{ij}` exceeds ``16`` (or the entry overflowed),
+       the centre does not suit that pair, and its distance is recomputed in float64 from
+       explicit differences (no Gram identity, no cancellation). Certified pairs carry a
+       relative error of at most about ``16 * 4`` roundings of the product, which is what
+       makes Krum, Multi-Krum, Bulyan, NNM, the geometric median and centered clipping
+       select what a float64 reference selects (tests: ``tests/test_exact_distances.py``).
+
+    Pairs of rows that lie close together far from the centre (duplicated attackers,
+    a cluster of outliers) are the ones recomputed; honest rows around the centre never
+    are. The Gram matrix is accumulated over column blocks in float64 (on CPU through
+    NumPy, whose ``a @ a.T`` calls BLAS syrk: half the work of a general product); memory
+    is :math:`O(n d)` in blocks, never ``(n, n, d)``. A pair whose float64 distance
+    overflows comes out ``inf``. Chapters ``06`` to ``08``.
     """
     check_updates(x)
+    x = x.detach()
+    n, d = x.shape
     if isinstance(center, str):
         if center != "median":
             raise ValueError(f"center must be None, 'median' or a (d,) tensor, got {center!r}")
-        return _distances_from_gram(_gram(x, coordinate_median(x)))
-    if center is not None:
-        if center.shape != (x.shape[1],):
-            raise ValueError(f"center must have shape ({x.shape[1]},), got {tuple(center.shape)}")
-        return _distances_from_gram(_gram(x, center))
-    gram = _gram(x, None)
+        c = coordinate_median(x)
+    elif center is not None:
+        if center.shape != (d,):
+            raise ValueError(f"center must have shape ({d},), got {tuple(center.shape)}")
+        c = center
+    else:
+        c = x[_central_row(x)]
+    gram = _block_gram(x, c)
     dist = _distances_from_gram(gram)
-    n = x.shape[0]
-    if n > 2:
-        to_center = gram.diagonal()
-        between = dist[~torch.eye(n, dtype=torch.bool, device=x.device)]
-        between = between[between > 0]  # duplicated rows (identical attackers, mixed updates) say nothing
-        dragged = len(between) > 0 and to_center.median() > _RECENTER_RATIO * between.median()
-        if not torch.isfinite(to_center).all() or dragged:
-            dist = _distances_from_gram(_gram(x, coordinate_median(x)))
+    norms = torch.nan_to_num(gram.diagonal(), nan=torch.inf).clamp_min(0).sqrt()
+    reach = (norms[:, None] + norms[None, :]).square()
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=1)
+    suspect = upper & ~(reach <= _AMPLIFICATION * dist)  # also catches inf, nan and exact zeros
+    if bool(suspect.any()):
+        i, j = suspect.nonzero(as_tuple=True)
+        exact = _direct_sq_distances(x, i, j)
+        dist[i, j] = exact
+        dist[j, i] = exact
+    dist.clamp_min_(0).fill_diagonal_(0)
     return dist
