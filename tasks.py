@@ -2,7 +2,8 @@
 """The project's two commands, for a fresh clone with nothing but Python 3.10+.
 
     python tasks.py test   # set up .venv, build the site, run the unit tests, every chapter
-                           # under nbval, and a headless-Chromium check of every page
+                           # under nbval, and a headless-Chromium check of every page; then
+                           # one chapter again on another base seed (a daily rotation)
     python tasks.py book   # set up .venv, execute every chapter and build the site
 
 Both create (or reuse) the virtual environment ``.venv`` and install the
@@ -10,6 +11,14 @@ package with its extras. The torch requirement is pinned to the CPU build
 (``torch==2.13.0``) unless ``ROBUSTFL_TORCH`` says otherwise, e.g.
 ``ROBUSTFL_TORCH="torch" python tasks.py test`` for your platform's default
 (CUDA) build.
+
+The book and the nbval run use the chapters' default base seed (``ROBUSTFL_SEED`` unset,
+i.e. 0). The test command then runs ONE chapter under nbval with ``ROBUSTFL_SEED`` set to
+another base seed, so that a claim which holds only for seed 0 is caught over time: the
+chapter is day-of-year modulo the number of chapters, the seed 1 + day-of-year modulo 97.
+``ROBUSTFL_ROTATE=<chapter>:<seed>`` (e.g. ``07:13``) chooses them instead, and
+``ROBUSTFL_ROTATE=none`` skips that run. ``benchmarks/chapter_seeds.py`` runs every chapter
+over several seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +39,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 TORCH = os.environ.get("ROBUSTFL_TORCH", "torch==2.13.0")
 EXTRAS = "book,dev,flower"
+SEED_VARIABLE = "ROBUSTFL_SEED"
+ROTATE_VARIABLE = "ROBUSTFL_ROTATE"
 
 
 def sh(*cmd: str | Path, **kw) -> None:
@@ -50,9 +62,50 @@ def setup() -> None:
     stamp.write_text(key)
 
 
-def notebooks_to_ipynb(dest: Path) -> list[Path]:
-    """Convert every chapter (MyST .md) to .ipynb in ``dest``; the .md files stay the only source."""
-    sources = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
+def chapter_sources() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
+
+
+def default_seed_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) without ROBUSTFL_SEED: the book and the main test run
+    use the default seed. jupyter-book's execution cache is keyed on the sources, not on the
+    environment, so a site built under another seed would keep serving that seed's outputs."""
+    env = dict(os.environ if env is None else env)
+    env.pop(SEED_VARIABLE, None)
+    return env
+
+
+def rotation(chapters: list[Path], spec: str | None = None, today: date | None = None) -> tuple[Path, int] | None:
+    """The chapter and base seed of the test command's extra run.
+
+    ``spec`` (default: $ROBUSTFL_ROTATE) is ``<chapter>:<seed>``, the chapter a number (``7``,
+    ``07``) or a file stem, or ``none`` to skip the run. Without it: chapter number
+    day-of-year modulo the number of chapters, seed ``1 + day-of-year % 97`` (never 0, which
+    the main run covers), so consecutive days pair different chapters with different seeds.
+    """
+    if not chapters:
+        raise ValueError("no chapters to rotate over")
+    spec = os.environ.get(ROTATE_VARIABLE, "") if spec is None else spec
+    spec = spec.strip()
+    if spec.lower() == "none":
+        return None
+    if not spec:
+        day = (today or date.today()).timetuple().tm_yday
+        return chapters[day % len(chapters)], 1 + day % 97
+    name, sep, seed_text = spec.partition(":")
+    if not sep or not name.strip() or not seed_text.strip().isdigit():
+        raise ValueError(f"{ROTATE_VARIABLE} must be <chapter>:<seed> (e.g. 07:13) or none, got {spec!r}")
+    name = name.strip().removesuffix(".md")
+    match = [p for p in chapters if p.stem == name or (name.isdigit() and p.name[:2] == f"{int(name):02d}")]
+    if not match:
+        raise ValueError(f"{ROTATE_VARIABLE}={spec!r}: no chapter {name!r} "
+                         f"(chapters: {', '.join(p.name[:2] for p in chapters)})")
+    return match[0], int(seed_text)
+
+
+def notebooks_to_ipynb(dest: Path, sources: list[Path] | None = None) -> list[Path]:
+    """Convert the chapters (MyST .md; default all) to .ipynb in ``dest``; the .md files stay the only source."""
+    sources = chapter_sources() if sources is None else sources
     out = []
     for src in sources:
         target = dest / (src.stem + ".ipynb")
@@ -77,26 +130,47 @@ def build_book(args: list[str]) -> int:
     cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
     print("+", " ".join(map(str, cmd)), flush=True)
     start = time.perf_counter()
-    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
+    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=default_seed_env()).returncode
     print(f"[tasks.py] the book build took {time.perf_counter() - start:.0f} s", flush=True)
     return rc
 
 
+def run_rotated(chapter: Path, seed: int, tmp: Path) -> int:
+    """One chapter under nbval with ROBUSTFL_SEED=seed; its exit code."""
+    how = (f"ROBUSTFL_ROTATE={chapter.name[:2]}:{seed} python tasks.py test, or alone: "
+           f"python benchmarks/chapter_seeds.py --chapters {chapter.name[:2]} --seeds {seed}")
+    print(f"[tasks.py] rotating seed: {chapter.name} with {SEED_VARIABLE}={seed} (reproduce: {how})", flush=True)
+    dest = tmp / "rotated"
+    dest.mkdir()
+    (nb,) = notebooks_to_ipynb(dest, [chapter])
+    env = dict(default_seed_env(), **{SEED_VARIABLE: str(seed)})
+    cmd = [PY, "-m", "pytest", nb, "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=900",
+           "-p", "no:cacheprovider"]
+    print(f"+ {SEED_VARIABLE}={seed}", " ".join(map(str, cmd)), flush=True)
+    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    if rc != 0:
+        print(f"FAILED: {chapter.name} does not hold at {SEED_VARIABLE}={seed}; reproduce with {how}", flush=True)
+    return rc
+
+
 def test(args: list[str]) -> int:
-    """Unit tests, every chapter under nbval, and a browser check of the freshly built site."""
+    """Unit tests, every chapter under nbval, and a browser check of the freshly built site;
+    then one chapter on a rotating base seed (see the module docstring)."""
+    rotated = rotation(chapter_sources())  # a bad ROBUSTFL_ROTATE fails before the long runs
     setup()
     ensure_chromium()
     rc_book = build_book([])
     with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
         nbs = notebooks_to_ipynb(Path(tmp))
-        env = dict(os.environ, ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
+        env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
         cmd = [PY, "-m", "pytest", "tests", *nbs, "--nbval-lax", "--nbval-current-env",
                "--nbval-cell-timeout=900", "-p", "no:cacheprovider", *args]
         print("+", " ".join(map(str, cmd)), flush=True)
         rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+        rc_rotated = run_rotated(*rotated, Path(tmp)) if rotated else 0
     if rc_book != 0:
         print("FAILED: the book build (jupyter-book build book -W -n) failed; see its errors above", flush=True)
-    return rc_tests or rc_book
+    return rc_tests or rc_book or rc_rotated
 
 
 def book(args: list[str]) -> int:
@@ -112,6 +186,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
+    if os.environ.get(SEED_VARIABLE, "").strip():
+        print(f"note: {SEED_VARIABLE} is ignored here: the book and the chapters' test run use the default "
+              f"seed; {ROTATE_VARIABLE}=<chapter>:<seed> runs one chapter on another", flush=True)
     start = time.perf_counter()
     rc = commands[argv[0]](argv[1:])
     print(f"[tasks.py {argv[0]}] finished in {time.perf_counter() - start:.0f} s with exit code {rc}")

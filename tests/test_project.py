@@ -80,3 +80,19 @@ def test_published_branch_is_where_colab_buttons_point():
     assert publish[0]["with"]["publish_branch"] == branch
     assert publish[0]["with"]["publish_dir"] == "book/_build/html"
     assert any(s.get("run", "").startswith("jupyter-book build book -W -n") for s in steps)
+
+
+# A literal seed in a chapter: the forms the chapters used before they read ROBUSTFL_SEED.
+LITERAL_SEED = re.compile(r"seed=[0-9]|manual_seed\([0-9]|default_rng\([0-9]|make_generator\([0-9]|set_seed\([0-9]")
+CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```", re.M | re.S)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_derives_every_seed_from_its_base_seed(chapter):
+    """Every chapter reads its base seed (``rfl.base_seed()``, i.e. ROBUSTFL_SEED) and seeds
+    nothing with a literal, so that ``ROBUSTFL_SEED=7`` re-runs all of its randomness."""
+    code = "\n".join(CODE_CELL.findall(chapter.read_text()))
+    assert code, f"{chapter.name}: no code cells found"
+    assert "rfl.base_seed()" in code, f"{chapter.name} does not read its base seed (SEED = rfl.base_seed())"
+    literal = [line.strip() for line in code.splitlines() if LITERAL_SEED.search(line)]
+    assert not literal, f"{chapter.name} seeds with literals instead of SEED: {literal}"
