@@ -52,6 +52,7 @@ __all__ = [
     "correct_predictions",
     "compare",
     "difference",
+    "estimate_table",
     "MIN_SEEDS",
 ]
 
@@ -532,3 +533,25 @@ def difference(results_by_name: Mapping[Any, Sequence[FLResult | RunFailure]], a
         n = None  # the arrays give it
     return paired_difference(xa, xb, n_test=n, what=f"{a} - {b}, {_label(key)}", correct_a=correct_a,
                              correct_b=correct_b, confidence=confidence)
+
+
+def estimate_table(cells: Mapping[Any, Mapping[Any, Estimate | str]], digits: int = 2, corner: str = "") -> str:
+    """A markdown table of estimates, ``cells[row][column]``, each shown as ``value [low, high]``
+    (a string cell, e.g. ``"n/a"`` for a rule that cannot run, is shown as it is). Every row
+    must have the columns of the first. The chapters print their comparisons with it."""
+    if not cells:
+        raise ValueError("estimate_table needs at least one row")
+    columns = list(next(iter(cells.values())))
+    for row, values in cells.items():
+        if list(values) != columns:
+            raise ValueError(f"row {row!r} has columns {list(values)}, the first row has {columns}")
+    fmt = f".{int(digits)}f"
+
+    def show(cell: Estimate | str) -> str:
+        if isinstance(cell, Estimate):
+            return f"{cell.value:{fmt}} [{cell.low:{fmt}}, {cell.high:{fmt}}]"
+        return str(cell)
+
+    lines = [f"| {corner} | " + " | ".join(map(str, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(show(v) for v in values.values()) + " |" for row, values in cells.items()]
+    return "\n".join(lines)

@@ -26,6 +26,7 @@ from .federated import FLConfig, FLResult, run_federated, run_grid
 __all__ = [
     "ATTACK_NAMES",
     "RunFailure",
+    "attack_configs",
     "run_attacks",
     "final_accuracy",
     "accuracy_table",
@@ -63,23 +64,14 @@ class RunFailure:
         return f"RunFailure({self.kind}: {self.error!r}, after {len(self.history)} rounds)"
 
 
-def run_attacks(
+def attack_configs(
     config: FLConfig,
     attacks: Sequence[str | ByzantineAttack | DataPoisoning] = ATTACK_NAMES,
-    data: Dataset | None = None,
     baseline: bool = True,
-) -> dict[str, FLResult | RunFailure]:
-    """Run ``config`` once per attack; keys are the attacks' names.
-
-    ``config.byzantine_fraction`` is used for every attack; ``baseline`` adds
-    ``"none"``: the same aggregator with the same ``f`` and no Byzantine client.
-    A run that raises ``ValueError`` (the mean refusing a non-finite update) or
-    ``FloatingPointError`` (honest training on a destroyed model) is recorded as a
-    :class:`RunFailure` with the rounds it completed, rather than stopping the grid.
-    The runs train in lock step, batched together (:func:`robustfl_lib.federated.run_grid`,
-    same numbers as one run at a time); if any run fails, or the configuration cannot be
-    batched, they are run one at a time instead.
-    """
+) -> dict[str, FLConfig]:
+    """``{attack name: config}``: ``config`` once per attack at ``config.byzantine_fraction``,
+    and with ``baseline`` first ``"none"``: the same aggregator with the same ``f`` and no
+    Byzantine client (the reference a rule's breakdown is measured against)."""
     runs: dict[str, FLConfig] = {}
     if baseline:
         runs["none"] = dataclasses.replace(
@@ -88,6 +80,34 @@ def run_attacks(
     for attack in attacks:
         name = attack if isinstance(attack, str) else type(get_attack(attack)).__name__
         runs[name] = dataclasses.replace(config, byzantine_attack=attack)
+    return runs
+
+
+def run_attacks(
+    config: FLConfig,
+    attacks: Sequence[str | ByzantineAttack | DataPoisoning] = ATTACK_NAMES,
+    data: Dataset | None = None,
+    baseline: bool = True,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, FLResult | RunFailure] | dict[str, list[FLResult | RunFailure]]:
+    """Run ``config`` once per attack (:func:`attack_configs`); keys are the attacks' names.
+
+    A run that raises ``ValueError`` (the mean refusing a non-finite update) or
+    ``FloatingPointError`` (honest training on a destroyed model) is recorded as a
+    :class:`RunFailure` with the rounds it completed, rather than stopping the grid.
+    The runs train in lock step, batched together (:func:`robustfl_lib.federated.run_grid`,
+    same numbers as one run at a time); if any run fails, or the configuration cannot be
+    batched, they are run one at a time instead.
+
+    With ``seeds`` every attack runs once per seed, all in one lock-step grid
+    (:func:`robustfl_lib.evidence.run_over_seeds`), and each value is the list of
+    results in seed order: what the chapters' claims are measured on.
+    """
+    runs = attack_configs(config, attacks, baseline)
+    if seeds is not None:
+        from .evidence import run_over_seeds  # evidence builds on this module
+
+        return run_over_seeds(runs, seeds, data=data)
     try:
         return dict(zip(runs, run_grid(list(runs.values()), data=data, progress=False)))
     except (ValueError, FloatingPointError):

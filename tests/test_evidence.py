@@ -312,3 +312,15 @@ def test_difference_pairs_by_seed_and_per_example_floor(one_thread):
         difference({"a": runs[0], "b": runs[1][::-1]}, "a", "b")
     with pytest.raises(KeyError, match="'c' is not among the results"):
         difference(runs, 0, "c")
+
+
+def test_estimate_table_shows_intervals_and_refuses_ragged_rows():
+    from robustfl_lib import estimate_table, summarize
+
+    e = summarize([0.8, 0.82, 0.81, 0.79, 0.8], n_test=360)
+    table = estimate_table({"median": {"none": e, "alie": "n/a"}}, digits=2, corner="rule")
+    lines = table.splitlines()
+    assert lines[0] == "| rule | none | alie |"
+    assert lines[2] == f"| median | {e.value:.2f} [{e.low:.2f}, {e.high:.2f}] | n/a |"
+    with pytest.raises(ValueError, match="columns"):
+        estimate_table({"a": {"x": e}, "b": {"y": e}})

@@ -205,3 +205,18 @@ def test_toy_updates():
     assert toy_updates(5, 2, None)[1].shape == (0, 2)
     with pytest.raises(ValueError, match="no 2-D picture"):
         toy_updates(5, 2, "label_flip")
+
+
+def test_run_attacks_over_seeds_pairs_every_attack_with_the_baseline(digits):
+    from robustfl_lib import FLConfig
+    from robustfl_lib.experiments import attack_configs, run_attacks
+
+    cfg = FLConfig(rounds=2, num_clients=5, local_epochs=1, aggregator="median", byzantine_fraction=0.2,
+                   progress=False)
+    configs = attack_configs(cfg, ["sign_flip", "nonfinite"])
+    assert list(configs) == ["none", "sign_flip", "nonfinite"]
+    assert configs["none"].byzantine_fraction == 0 and configs["none"].aggregator_f == 1
+    runs = run_attacks(cfg, ["sign_flip", "nonfinite"], seeds=[3, 4])
+    assert list(runs) == ["none", "sign_flip", "nonfinite"]
+    assert [[r.config.seed for r in v] for v in runs.values()] == [[3, 4]] * 3
+    assert all(r.config.byzantine_attack == name for name, v in runs.items() if name != "none" for r in v)
