@@ -21,10 +21,12 @@ SEED_VARIABLE = "ROBUSTFL_SEED"
 def set_seed(seed: int = 0, deterministic: bool = True) -> None:
     """Seed Python, NumPy and PyTorch (CPU and every CUDA device).
 
-    With ``deterministic=True`` PyTorch is asked for deterministic kernels
-    where they exist (``warn_only`` so that a GPU op without a deterministic
-    variant still runs), which is what "same seed, same machine, same numbers"
-    needs on CUDA.
+    With ``deterministic=True`` and CUDA present, PyTorch is asked for
+    deterministic kernels where they exist (``warn_only`` so that a GPU op
+    without a deterministic variant still runs), which is what "same seed, same
+    machine, same numbers" needs on CUDA. CPU kernels are deterministic already,
+    and the switch costs seconds on first use (it imports TorchInductor's
+    configuration), so a CPU-only machine skips it.
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -32,7 +34,7 @@ def set_seed(seed: int = 0, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
+    if deterministic and torch.cuda.is_available():
         # cuBLAS needs this set before its first call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
