@@ -386,12 +386,15 @@ def _stackable(model: nn.Module) -> bool:
 
 
 def apply_byzantine_attack(
-    updates: torch.Tensor, is_byzantine: np.ndarray, attack: ByzantineAttack, generator: torch.Generator
+    updates: torch.Tensor, is_byzantine: np.ndarray, attack: ByzantineAttack, generator: torch.Generator,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Replace the Byzantine rows of ``updates`` by ``attack(honest rows, #Byzantine)``.
 
     The attacker is omniscient: it sees every honest participant's update of
-    this round. With no honest participant it has nothing to imitate and sends zeros.
+    this round, and ``counts`` (per row, the sample counts the server weights by)
+    as ``weights`` of the honest rows and ``byzantine_weights`` of its own.
+    With no honest participant it has nothing to imitate and sends zeros.
     """
     byz = torch.as_tensor(is_byzantine, dtype=torch.bool, device=updates.device)
     num_byz = int(byz.sum())
@@ -399,7 +402,8 @@ def apply_byzantine_attack(
         return updates
     out = updates.clone()
     honest = updates[~byz]
-    out[byz] = attack(honest, num_byz, generator=generator) if len(honest) else 0.0
+    weighting = {} if counts is None else {"weights": counts[~byz], "byzantine_weights": counts[byz]}
+    out[byz] = attack(honest, num_byz, generator=generator, **weighting) if len(honest) else 0.0
     return out
 
 
@@ -509,9 +513,10 @@ class _Simulation:
             if rows:
                 updates[rows] = trained.to(updates.dtype) - global_vec
                 _boost(updates, rows, self.poison, is_byz)
-            if forged.any():
-                updates = apply_byzantine_attack(updates, forged, self.attack, make_generator(config.seed * 7_919 + rnd))
             counts = torch.tensor([len(self.parts[c]) for c in participants], dtype=updates.dtype, device=self.device)
+            if forged.any():
+                updates = apply_byzantine_attack(updates, forged, self.attack, make_generator(config.seed * 7_919 + rnd),
+                                                 counts)
             step, kept = aggregate_round(self.aggregator, updates, counts, participants)
             load_vector_(self.model, global_vec + step)
             record.update(byzantine=participants[is_byz].tolist(), aggregation=kept,

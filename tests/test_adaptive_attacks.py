@@ -100,6 +100,29 @@ def test_adaptive_scaling_leaves_a_stateful_aggregator_alone_and_checks_input():
         AdaptiveScaling(Median())(torch.full((3, 4), float("nan")), 1)
 
 
+def test_adaptive_scaling_reasons_about_the_servers_weighted_mean():
+    h = _honest(n=6, seed=3).double()
+    w = torch.tensor([5.0, 90.0, 20.0, 1.0, 40.0, 12.0], dtype=torch.float64)
+    wb = torch.tensor([30.0, 8.0], dtype=torch.float64)
+    scales = (0.25, 1.0, 4.0)
+    atk = AdaptiveScaling(Mean(), direction="mean", scales=scales, refine=0)
+    mu_w = (w / w.sum()) @ h
+    p = -mu_w / mu_w.norm()
+    torch.testing.assert_close(atk.perturbation(h, w), p)
+    r = h.norm(dim=1).median()
+    # each trial is what the server computes: the weighted mean of all rows, against the weighted honest mean
+    expected = [float((Mean()(torch.cat([h, (mu_w + s * r * p).expand(2, -1)]), weights=torch.cat([w, wb])) - mu_w).norm())
+                for s in scales]
+    np.testing.assert_allclose(atk.damages(h, 2, weights=w, byzantine_weights=wb).numpy(), expected, rtol=1e-10)
+    assert not np.allclose(atk.damages(h, 2).numpy(), expected, rtol=1e-3)  # the unweighted objective differs
+    byz = atk(h, 2, weights=w, byzantine_weights=wb)
+    assert atk.last_scale == 4.0
+    torch.testing.assert_close(byz[0], mu_w + 4.0 * r * p)
+    # without weights: the plain mean, as before
+    mu = h.mean(0)
+    torch.testing.assert_close(atk(h, 2)[0], mu + 4.0 * r * (-mu / mu.norm()))
+
+
 def test_stealthy_norm_is_the_detectors_threshold():
     h = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98], dtype=torch.float64)
     det = NormZScore(3.0)
