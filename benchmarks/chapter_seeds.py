@@ -79,7 +79,7 @@ def error_line(ename: str, evalue: str, traceback: str) -> str:
     if not value:
         arrow = ARROW.search(ANSI.sub("", traceback))
         value = arrow.group(2) if arrow else ""
-    line = f"{ename}: {value}" if value else ename
+    line = " ".join((f"{ename}: {value}" if value else ename).split())  # aligned comments pad with spaces
     return line if len(line) <= 160 else line[:157] + "..."
 
 
