@@ -125,13 +125,38 @@ def ensure_chromium() -> None:
               "(Debian/Ubuntu: sudo apt-get install chromium)", flush=True)
 
 
+def _book_command(args: list[str]) -> list[str]:
+    return [str(c) for c in [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]]
+
+
 def build_book(args: list[str]) -> int:
     """Execute every chapter (cached) and build the site; -W -n: any warning fails the build."""
-    cmd = [BIN / "jupyter-book", "build", "book", "-W", "-n", "--keep-going", *args]
-    print("+", " ".join(map(str, cmd)), flush=True)
+    cmd = _book_command(args)
+    print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=default_seed_env()).returncode
+    rc = subprocess.run(cmd, cwd=ROOT, env=default_seed_env()).returncode
     print(f"[tasks.py] the book build took {time.perf_counter() - start:.0f} s", flush=True)
+    return rc
+
+
+def start_book_build(log: Path) -> tuple[subprocess.Popen, float]:
+    """The book build in the background, its output to ``log`` (so that it does not interleave
+    with the tests' output); with :func:`finish_book_build`."""
+    cmd = _book_command([])
+    print("+", " ".join(cmd), f"> {log}  (in the background, beside the tests)", flush=True)
+    handle = log.open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=default_seed_env(), stdout=handle, stderr=subprocess.STDOUT)
+    handle.close()
+    return proc, time.perf_counter()
+
+
+def finish_book_build(proc: subprocess.Popen, started: float, log: Path) -> int:
+    rc = proc.wait()
+    print(f"[tasks.py] the book build took {time.perf_counter() - started:.0f} s (exit code {rc}); its log: {log}",
+          flush=True)
+    text = log.read_text(errors="replace").splitlines()
+    shown = text if rc != 0 else text[-15:]
+    print("\n".join(f"  [book] {line}" for line in shown), flush=True)
     return rc
 
 
@@ -155,22 +180,35 @@ def run_rotated(chapter: Path, seed: int, tmp: Path) -> int:
 
 def test(args: list[str]) -> int:
     """Unit tests, every chapter under nbval, and a browser check of the freshly built site;
-    then one chapter on a rotating base seed (see the module docstring)."""
+    then one chapter on a rotating base seed (see the module docstring).
+
+    Every chapter pins PyTorch to one thread, so on two cores the book build (which executes
+    every chapter) runs beside the unit tests and nbval (which executes them again) instead of
+    before them; the browser check waits for the site."""
     rotated = rotation(chapter_sources())  # a bad ROBUSTFL_ROTATE fails before the long runs
     setup()
     ensure_chromium()
-    rc_book = build_book([])
-    with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
-        nbs = notebooks_to_ipynb(Path(tmp))
-        env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
-        cmd = [PY, "-m", "pytest", "tests", *nbs, "--nbval-lax", "--nbval-current-env",
-               "--nbval-cell-timeout=900", "-p", "no:cacheprovider", *args]
-        print("+", " ".join(map(str, cmd)), flush=True)
-        rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
-        rc_rotated = run_rotated(*rotated, Path(tmp)) if rotated else 0
+    (ROOT / "book" / "_build").mkdir(parents=True, exist_ok=True)
+    log = ROOT / "book" / "_build" / "build.log"
+    book_proc, book_started = start_book_build(log)
+    try:
+        with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
+            nbs = notebooks_to_ipynb(Path(tmp))
+            env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
+            pytest = [PY, "-m", "pytest", "-p", "no:cacheprovider"]
+            cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *nbs, "--nbval-lax", "--nbval-current-env",
+                   "--nbval-cell-timeout=900", *args]
+            print("+", " ".join(map(str, cmd)), flush=True)
+            rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+            rc_rotated = run_rotated(*rotated, Path(tmp)) if rotated else 0
+    finally:
+        rc_book = finish_book_build(book_proc, book_started, log)
+    cmd = [*pytest, "tests/test_site.py", *args]
+    print("+", " ".join(map(str, cmd)), flush=True)
+    rc_site = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
     if rc_book != 0:
         print("FAILED: the book build (jupyter-book build book -W -n) failed; see its errors above", flush=True)
-    return rc_tests or rc_book or rc_rotated
+    return rc_tests or rc_book or rc_rotated or rc_site
 
 
 def book(args: list[str]) -> int:
