@@ -20,7 +20,15 @@ With ``vectorized=True`` all participating clients of a round train in one batch
 computation (:mod:`robustfl_lib.vectorized`), equal to the client-by-client loop up
 to rounding. Participants may drop out (``dropout``). Every randomness is drawn from
 streams seeded by ``seed``, and a run can be checkpointed every ``checkpoint_every``
-rounds and resumed to exactly the model and history of an uninterrupted run.
+rounds and resumed, in any process, to exactly the model and history of an
+uninterrupted run: the checkpoint holds every random stream the run draws from and
+the state of the objects it holds (:mod:`robustfl_lib.checkpoint`), and recognises
+the configuration by value, not by ``repr``.
+
+A run owns deep copies of its config's aggregator and attack objects, so runs made
+from one object never share state, and :func:`run_grid` runs many configurations
+(rules, attacks, Byzantine fractions, and seeds) in lock step, their clients' local
+training batched into one computation.
 
 The aggregator, the attack and the client update step are pluggable. Taught in
 chapter ``00_introduction`` (FedAvg), ``03_byzantine_threats`` (Byzantine clients)
@@ -29,10 +37,11 @@ and ``09_robust_federated_learning`` (the whole pipeline).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,7 +56,8 @@ import torch.nn.functional as F
 from .aggregators import Aggregator, get_aggregator
 from .attacks import PGD
 from .byzantine import ByzantineAttack, DataPoisoning, get_attack
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (describe, global_rng_state, isolated_copy, load_checkpoint, load_object_state, object_state,
+                         reset_objects, save_checkpoint, set_global_rng_state)
 from .data import Dataset, load_dataset, partition
 from .models import build_model
 from .params import flatten_state, load_vector_
@@ -210,9 +220,40 @@ def adversarial_client_update(
                       batch_size=config.batch_size, generator=generator)
 
 
-def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator):
-    """Per-sample loss of local adversarial training for :func:`train_stacked` (the vectorized path)."""
-    attack = config.local_attack(generator=generator)
+@dataclass(frozen=True)
+class _BlockStartPGD(PGD):
+    """PGD whose random start draws consecutive blocks of rows from their own generators.
+
+    In :func:`run_grid` the stacked batch holds several simulations' clients, client-major;
+    block ``s`` (``clients[s]`` clients' rows) gets its start from ``generators[s]``, exactly
+    the draw that simulation makes when it runs alone."""
+
+    clients: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    generators: tuple[torch.Generator, ...] = field(default=(), compare=False, repr=False)
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        total = sum(self.clients)
+        if total == 0 or x.shape[0] % total:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split among {total} clients")
+        per = x.shape[0] // total
+        blocks = x.split([k * per for k in self.clients])
+        return torch.cat([super(_BlockStartPGD, self)._start(b, g) for b, g in zip(blocks, self.generators)])
+
+
+def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator,
+                             blocks: list[tuple[int, torch.Generator]] | None = None):
+    """Per-sample loss of local adversarial training for :func:`train_stacked` (the vectorized path).
+
+    ``blocks``: ``(clients, generator)`` per simulation sharing the batch, each simulation's
+    PGD random starts drawn from its own generator (``generator`` is then unused)."""
+    if blocks is not None:
+        blocks = [(k, g) for k, g in blocks if k > 0]  # a simulation that trains no client this round draws nothing
+    if blocks is not None and len(blocks) > 1:
+        base = config.local_attack()
+        attack = _BlockStartPGD(**{f.name: getattr(base, f.name) for f in fields(base)},
+                                clients=tuple(k for k, _ in blocks), generators=tuple(g for _, g in blocks))
+    else:
+        attack = config.local_attack(generator=generator if blocks is None else blocks[0][1])
     mix = config.adv_mix
 
     def loss(model: StackedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -237,6 +278,11 @@ def _client_generator(config: FLConfig, rnd: int, cid: int) -> torch.Generator:
     return make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid))
 
 
+def _pgd_start_generator(seed: int, rnd: int) -> torch.Generator:
+    """The stream of a round's PGD random starts in vectorized adversarial training."""
+    return make_generator(seed * 6_113 + rnd)
+
+
 @dataclass
 class FLResult:
     """The global model after the last round and one history record per round.
@@ -246,12 +292,18 @@ class FLResult:
     the aggregator kept, by client id: see :func:`aggregate_round`),
     ``"update_norm"`` (norm of the applied aggregate) and the test metrics
     ``"clean_accuracy"`` and ``"robust_accuracy"``.
+
+    ``aggregator`` and ``attack`` are the run's own copies of the config's
+    objects, as the last round left them (``last_info``, carried-over state); the
+    objects in ``config`` are never changed by a run.
     """
 
     model: nn.Module
     history: list[dict[str, Any]]
     config: FLConfig
     byzantine: list[int] = field(default_factory=list)  #: the Byzantine client ids
+    aggregator: Any = None  #: the run's aggregator after the last round
+    attack: Any = None  #: the run's attack (or data poisoning) after the last round
 
     def metric(self, key: str) -> np.ndarray:
         """One history column as an array, e.g. ``result.metric("clean_accuracy")``."""
@@ -307,17 +359,21 @@ def _train_clients(
     rnd: int,
     client_update: ClientUpdate | None,
     starts: torch.Tensor | None = None,
+    blocks: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Local training of every client: ``(len(xs), d)`` trained flat weights.
 
     Batched across clients (:func:`robustfl_lib.vectorized.train_stacked`) when
     no custom ``client_update`` is given, ``config.vectorized`` is set and the
     model has no buffers; else client by client. ``starts`` gives each client its
-    own starting weights (several simulations sharing one batched call)."""
+    own starting weights (several simulations sharing one batched call);
+    ``blocks`` lists those simulations as ``(clients, seed)`` in row order, so that
+    each draws its PGD random starts from its own stream."""
     if client_update is None and config.vectorized and _stackable(model):
         sample_loss = None
         if config.local_training == "adversarial":
-            sample_loss = _adversarial_sample_loss(config, make_generator(config.seed * 6_113 + rnd))
+            pgd_blocks = None if blocks is None else [(k, _pgd_start_generator(seed, rnd)) for k, seed in blocks]
+            sample_loss = _adversarial_sample_loss(config, _pgd_start_generator(config.seed, rnd), pgd_blocks)
         return train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size,
                              generators=gens, sample_loss=sample_loss, starts=starts)
     if starts is not None:
@@ -437,19 +493,26 @@ class _Simulation:
     A round is :meth:`plan` (who participates, who answers, which clients must
     train, on what data), local training (done by the caller, so several
     simulations can share one batched computation), then :meth:`finish`
-    (Byzantine forging, aggregation, evaluation, the round's record)."""
+    (Byzantine forging, aggregation, evaluation, the round's record).
+
+    The simulation owns deep copies (:func:`robustfl_lib.checkpoint.isolated_copy`)
+    of its config's aggregator and attack objects, generators and their states
+    included: runs made from one object (``dataclasses.replace``, :func:`run_grid`)
+    never read each other's state, and the caller's objects are left as they were."""
 
     def __init__(self, config: FLConfig, data: Dataset, device: torch.device):
         config.validate()
         set_seed(config.seed)
         self.config, self.data, self.device = config, data, device
         self.parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
-        self.aggregator = get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs)
+        self.aggregator = isolated_copy(
+            get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs))
         if hasattr(self.aggregator, "requirement"):  # refuse an impossible n/f before any training
             self.aggregator.requirement(config.participants_per_round, self.aggregator.f)
-        if hasattr(self.aggregator, "reset"):
-            self.aggregator.reset()
-        self.attack = None if config.byzantine_attack is None else get_attack(config.byzantine_attack, **config.attack_kwargs)
+        reset_objects(self.aggregator)
+        self.attack = (None if config.byzantine_attack is None
+                       else isolated_copy(get_attack(config.byzantine_attack, **config.attack_kwargs)))
+        reset_objects(self.attack)  # e.g. a Mimic that fixes its target in the first round
         self.byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
         self.poison = self.attack if isinstance(self.attack, DataPoisoning) else None
         self.model = build_model(config.model, data.input_shape, data.num_classes).to(device)
@@ -457,16 +520,23 @@ class _Simulation:
         self.eval_attack = config.eval_attack() if config.eval_eps is not None else None
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] = {}
+        #: The global RNG streams as this run left them (run_grid swaps them in; None: use the global ones).
+        self._global_rng: dict[str, Any] | None = None
 
     # -- checkpoints
     def state(self, rnd: int) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: the model, the history, every
+        random stream (the run's NumPy generator, the global RNGs of torch (CPU and every CUDA
+        device), NumPy and Python) and the state of the objects the run holds (carried-over
+        state through ``get_state`` and their generators, :func:`robustfl_lib.checkpoint.object_state`)."""
         return {
             "round": rnd,
             "model": self.model.state_dict(),
             "history": self.history,
             "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "aggregator": self.aggregator.get_state() if hasattr(self.aggregator, "get_state") else {},
+            "global_rng": global_rng_state(),
+            "objects": {"aggregator": object_state(self.aggregator, "aggregator"),
+                        "attack": object_state(self.attack, "attack")},
             "config": _comparable(self.config),
         }
 
@@ -477,10 +547,28 @@ class _Simulation:
         self.model.load_state_dict(state["model"])
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if hasattr(self.aggregator, "set_state"):
-            self.aggregator.set_state(state["aggregator"])
+        if "global_rng" in state:
+            set_global_rng_state(state["global_rng"])
+            load_object_state(self.aggregator, state["objects"]["aggregator"], "aggregator", where)
+            load_object_state(self.attack, state["objects"]["attack"], "attack", where)
+        else:  # a checkpoint from before objects' states were saved: the CPU RNG and the aggregator only
+            torch.set_rng_state(state["torch_rng"].cpu())
+            if hasattr(self.aggregator, "set_state"):
+                self.aggregator.set_state(state["aggregator"])
         return int(state["round"])
+
+    @contextlib.contextmanager
+    def own_global_rng(self) -> Iterator[None]:
+        """Swap in this simulation's own global RNG streams (torch CPU and CUDA, NumPy, Python) for
+        the duration, so that a rule drawing from the global RNG (``NormClipNoise(generator=None)``)
+        draws in :func:`run_grid` what it would draw in a run of its own."""
+        outer = global_rng_state()
+        set_global_rng_state(self._global_rng if self._global_rng is not None else outer)
+        try:
+            yield
+        finally:
+            self._global_rng = global_rng_state()
+            set_global_rng_state(outer)
 
     # -- one round
     def plan(self, rnd: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Generator]]:
@@ -530,7 +618,8 @@ class _Simulation:
         return record
 
     def result(self) -> FLResult:
-        return FLResult(model=self.model, history=self.history, config=self.config, byzantine=self.byzantine.tolist())
+        return FLResult(model=self.model, history=self.history, config=self.config, byzantine=self.byzantine.tolist(),
+                        aggregator=self.aggregator, attack=self.attack)
 
 
 def run_federated(
@@ -551,10 +640,19 @@ def run_federated(
     honest participants' updates each round; with data poisoning they train on
     poisoned data.
 
+    The run works on its own copies of ``config``'s aggregator and attack objects
+    (returned in :attr:`FLResult.aggregator` / :attr:`FLResult.attack`), reset at the
+    start; the objects in ``config``, generators included, are left as they were,
+    so running one config twice gives the same history.
+
     With ``checkpoint_dir``, the state after every ``config.checkpoint_every``
     rounds is saved to ``checkpoint_dir/checkpoint.pt`` (tensors and plain values
-    only: it loads with ``weights_only=True``); ``resume=True`` continues from
-    it, and ends with exactly the model and history of an uninterrupted run.
+    only: it loads with ``weights_only=True``): the model, the history, every
+    random stream (the run's own, torch's CPU and CUDA ones, NumPy's, Python's)
+    and the objects' states (``get_state()`` and every generator they hold).
+    ``resume=True`` continues from it, in this or a new process, and ends with
+    exactly the model and history of an uninterrupted run; it refuses a
+    checkpoint made with other settings (compared by value: :func:`config_dict`).
     """
     config.validate()
     device = get_device(config.device)
@@ -582,20 +680,49 @@ def run_federated(
 
 #: Settings that may differ between the runs of :func:`run_grid`; all others must agree.
 GRID_VARIABLE = ("aggregator", "aggregator_f", "aggregator_kwargs", "byzantine_fraction", "byzantine_attack",
-                 "attack_kwargs", "eval_eps", "eval_steps", "progress")
+                 "attack_kwargs", "eval_eps", "eval_steps", "progress", "seed")
 
 
-def run_grid(configs: list[FLConfig], data: Dataset | None = None, progress: bool = True) -> list[FLResult]:
-    """Run several federated simulations that differ only in aggregation and attack, in lock step.
+def _grid_data(configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | None) -> list[Dataset]:
+    """Each config's dataset: ``data`` itself, ``data[seed]``, or ``load_dataset(dataset, seed=seed)``
+    loaded once per distinct seed."""
+    if data is None:
+        base = configs[0]
+        cache = {seed: load_dataset(base.dataset, seed=seed, **base.dataset_kwargs)
+                 for seed in dict.fromkeys(c.seed for c in configs)}
+        return [cache[c.seed] for c in configs]
+    if isinstance(data, Mapping):
+        missing = sorted({c.seed for c in configs} - set(data))
+        if missing:
+            raise ValueError(f"data has datasets for seeds {sorted(data)} but not for the configs' seed(s) {missing}")
+        return [data[c.seed] for c in configs]
+    return [data] * len(configs)
+
+
+def run_grid(
+    configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | None = None, progress: bool = True
+) -> list[FLResult]:
+    """Run several federated simulations in lock step: a grid of rules, attacks and seeds.
 
     Every round, the local training of *all* runs' clients is one batched
     computation (:func:`robustfl_lib.vectorized.train_stacked` with each run's
-    global weights as the clients' starting points), which makes a grid of
+    global weights as its clients' starting points), which makes a grid of
     aggregators x attacks x Byzantine fractions (chapter
-    ``09_robust_federated_learning``) cost little more than one run. Each
-    result equals ``run_federated(config)`` up to floating-point rounding
-    (with adversarial local training, PGD's random starts are drawn differently).
-    The configs may differ only in :data:`GRID_VARIABLE`; ``vectorized`` must be on.
+    ``09_robust_federated_learning``), or one configuration over k seeds (the
+    evidence of :mod:`robustfl_lib.evidence`), cost little more than one run.
+
+    The configs may differ only in :data:`GRID_VARIABLE`, which includes ``seed``:
+    runs with different seeds have their own data split, partition, model
+    initialisation, Byzantine clients and client streams. ``data`` is one
+    :class:`~robustfl_lib.data.Dataset` shared by all runs, a dict ``{seed: Dataset}``,
+    or ``None``: each distinct seed loads ``load_dataset(dataset, seed=seed)`` once.
+    ``vectorized`` must be on, and the model must have no buffers.
+
+    Each run owns copies of its aggregator and attack objects and its own global
+    RNG streams, swapped in while its rounds are planned and finished, and draws its
+    PGD random starts (adversarial local training) from its own stream; so each
+    result equals ``run_federated(config)`` up to the floating-point rounding of
+    the batched computation, whether or not the configs share objects.
     """
     if not configs:
         raise ValueError("run_grid needs at least one config")
@@ -608,24 +735,36 @@ def run_grid(configs: list[FLConfig], data: Dataset | None = None, progress: boo
     if not base.vectorized:
         raise ValueError("run_grid trains all runs in one batched computation: set vectorized=True")
     device = get_device(base.device)
-    data = data if data is not None else load_dataset(base.dataset, seed=base.seed, **base.dataset_kwargs)
-    sims = [_Simulation(c, data, device) for c in configs]
+    datasets = _grid_data(configs, data)
+    shapes = {(tuple(d.input_shape), d.num_classes) for d in datasets}
+    if len(shapes) > 1:
+        raise ValueError(f"run_grid trains every run's clients through one model architecture, but the datasets "
+                         f"have different (input shape, classes): {sorted(shapes)}")
+    sims = []
+    for c, d in zip(configs, datasets):
+        sims.append(_Simulation(c, d, device))
+        sims[-1]._global_rng = global_rng_state()  # as a run of its own would start its rounds
     if not _stackable(sims[0].model):
         raise ValueError("run_grid needs a model without buffers (no BatchNorm); use run_federated")
     for rnd in tqdm(range(1, base.rounds + 1), desc="FL grid rounds", unit="round", disable=not progress):
-        plans = [sim.plan(rnd) for sim in sims]
+        plans = []
+        for sim in sims:
+            with sim.own_global_rng():
+                plans.append(sim.plan(rnd))
         xs = [x for p in plans for x in p[0]]
         if xs:
             ys = [y for p in plans for y in p[1]]
             gens = [g for p in plans for g in p[2]]
             starts = torch.cat([flatten_state(sim.model.state_dict()).expand(len(p[0]), -1)
                                 for sim, p in zip(sims, plans)])
-            trained = _train_clients(sims[0].model, xs, ys, gens, base, rnd, None, starts=starts)
+            blocks = [(len(p[0]), sim.config.seed) for sim, p in zip(sims, plans)]
+            trained = _train_clients(sims[0].model, xs, ys, gens, base, rnd, None, starts=starts, blocks=blocks)
             chunks = trained.split([len(p[0]) for p in plans])
         else:
             chunks = [None] * len(sims)
         for sim, chunk in zip(sims, chunks):
-            sim.finish(rnd, chunk if chunk is not None and len(chunk) else None)
+            with sim.own_global_rng():
+                sim.finish(rnd, chunk if chunk is not None and len(chunk) else None)
     return [sim.result() for sim in sims]
 
 
@@ -642,18 +781,20 @@ def _quorum_error(aggregator: Aggregator, answered: int) -> str | None:
 
 
 def _comparable(config: FLConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the checkpoint (all but rounds, progress, device)."""
+    """The settings a resumed run must share with the checkpoint (all but rounds, progress, device,
+    checkpoint_every), by value: nested descriptions as their (canonical, sorted) repr, which is
+    also what checkpoints of plain configs held before objects were described."""
     d = config_dict(config)
     for key in ("rounds", "progress", "device", "checkpoint_every"):
         d.pop(key)
-    return {k: (repr(v) if isinstance(v, (tuple, dict)) else v) for k, v in d.items()}
+    return {k: (repr(v) if isinstance(v, (list, dict)) else v) for k, v in d.items()}
 
 
 def config_dict(config: FLConfig) -> dict[str, Any]:
-    """``config`` as a plain dict (aggregator and attack objects by their repr), for logs and checkpoints."""
-    d = asdict(config)
-    for key in ("aggregator", "byzantine_attack"):
-        value = getattr(config, key)
-        if value is not None and not isinstance(value, str):
-            d[key] = repr(value)
-    return d
+    """``config`` as a JSON-friendly dict, for logs, CSV files and checkpoints.
+
+    Names and numbers stay as they are; aggregator, attack and other objects are
+    described by value (:func:`robustfl_lib.checkpoint.describe`: class name and
+    public attributes, a generator by its device and initial seed), so two configs
+    with equal settings give equal dicts, in any process."""
+    return {f.name: describe(getattr(config, f.name)) for f in fields(config)}

@@ -171,4 +171,6 @@ def test_constrain_and_scale_evades_the_norm_detector_in_fl(digits):
     stealthy = run_federated(FLConfig(byzantine_attack=atk, **base), data=digits)
     assert (detection_over_rounds(naive.history)["recall"] == 1.0).all()
     assert (detection_over_rounds(stealthy.history)["recall"] == 0.0).all()
-    assert atk.last_boost is not None and atk.last_boost.shape == (2,)
+    # The run attacks with its own copy of atk (the config's object is left as it was).
+    assert atk.last_boost is None
+    assert stealthy.attack.last_boost is not None and stealthy.attack.last_boost.shape == (2,)

@@ -169,16 +169,17 @@ def test_backdoor_poisoning_is_seeded_and_checked():
 def test_backdoor_clients_are_boosted_in_the_fl_loop(digits):
     plain, boosted = _RecordingMean(), _RecordingMean()
     t = PixelTrigger(target=0)
+    # A run aggregates with its own copy of the rule (the config's object is left as it was).
     r1 = _fl(digits, BackdoorPoisoning(t, 0.5, boost=1.0), plain)
-    _fl(digits, BackdoorPoisoning(t, 0.5, boost=3.0), boosted)
+    plain = r1.aggregator
+    boosted = _fl(digits, BackdoorPoisoning(t, 0.5, boost=3.0), boosted).aggregator
     byz = np.isin(r1.history[0]["participants"], r1.byzantine)
     assert byz.sum() == 2
     # Same seed, same training: boosting multiplies exactly the attackers' rows.
     torch.testing.assert_close(boosted.seen[0][byz], 3.0 * plain.seen[0][byz])
     torch.testing.assert_close(boosted.seen[0][~byz], plain.seen[0][~byz])
     # Poisoned training differs from honest training on the same data.
-    clean = _RecordingMean()
-    _fl(digits, BackdoorPoisoning(t, 0.0, boost=1.0), clean)
+    clean = _fl(digits, BackdoorPoisoning(t, 0.0, boost=1.0), _RecordingMean()).aggregator
     assert not torch.allclose(clean.seen[0][byz], plain.seen[0][byz])
 
 

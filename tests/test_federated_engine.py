@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from robustfl_lib import FLConfig, run_federated
-from robustfl_lib.checkpoint import load_checkpoint
+from robustfl_lib.checkpoint import describe, load_checkpoint
 from robustfl_lib.cli import main as cli_main
 
 BASE = dict(rounds=3, num_clients=6, partition="dirichlet", alpha=0.5, lr=0.2, local_epochs=1, batch_size=16,
@@ -152,3 +153,81 @@ def test_run_grid_equals_separate_runs(digits):
         run_grid([configs[0], FLConfig(**dict(base, lr=0.5))], data=digits)
     with pytest.raises(ValueError, match="vectorized=True"):
         run_grid([FLConfig(**dict(base, vectorized=False))], data=digits)
+
+
+def _norms(result):
+    return [h["update_norm"] for h in result.history]
+
+
+def test_run_grid_runs_do_not_share_objects(digits):
+    """Configs made with dataclasses.replace share one stateful aggregator object; every run must
+    still behave as if it held its own (the audit's 6 clients, 3 rounds), and the caller's objects
+    must come back untouched."""
+    import dataclasses
+
+    from robustfl_lib import CenteredClipping, run_grid
+    from robustfl_lib.backdoor import NormClipNoise
+
+    base = dict(BASE, byzantine_fraction=0.34, byzantine_attack="ipm")
+    # A fixed small tau makes the carried-over centre matter (with every update inside tau the result is the mean).
+    makers = [lambda: CenteredClipping(tau=0.05, init="previous"),
+              lambda: NormClipNoise(sigma=0.01, generator=torch.Generator().manual_seed(5))]
+    for make in makers:
+        shared = make()
+        before = copy.deepcopy(shared)
+        a = FLConfig(aggregator=shared, **base)
+        configs = [a, dataclasses.replace(a, byzantine_attack="sign_flip")]
+        fresh = [dataclasses.replace(c, aggregator=make()) for c in configs]
+        got, want = run_grid(configs, data=digits, progress=False), run_grid(fresh, data=digits, progress=False)
+        for g, w in zip(got, want):
+            assert g.history == w.history and torch.equal(_params(g), _params(w))
+        for cfg, g in zip(configs, got):
+            alone = run_federated(dataclasses.replace(cfg, aggregator=make()), data=digits)
+            np.testing.assert_allclose(_norms(g), _norms(alone), rtol=1e-4)
+            torch.testing.assert_close(_params(g), _params(alone), rtol=1e-4, atol=1e-5)
+        # The runs never changed the caller's object.
+        assert describe(shared) == describe(before)
+        if isinstance(shared, CenteredClipping):
+            assert shared._previous is None
+        else:
+            assert torch.equal(shared.generator.get_state(), before.generator.get_state())
+    # A single run leaves the caller's generator where it was too, so the same config runs twice alike.
+    g = torch.Generator().manual_seed(5)
+    cfg = FLConfig(aggregator=NormClipNoise(sigma=0.01, generator=g), **BASE)
+    state = g.get_state()
+    first, second = run_federated(cfg, data=digits), run_federated(cfg, data=digits)
+    assert torch.equal(g.get_state(), state) and first.history == second.history
+    assert first.aggregator is not cfg.aggregator and first.aggregator.generator is not g
+
+
+@pytest.mark.parametrize("local_training", ["standard", "adversarial"])
+def test_run_grid_over_seeds_equals_separate_runs(local_training):
+    """One config over three seeds in lock step: each run has its own data split, partition, model
+    init, Byzantine clients and client streams (and its own PGD random starts), as run_federated."""
+    import dataclasses
+
+    from robustfl_lib import load_dataset, run_grid
+
+    cfg = FLConfig(**dict(BASE, aggregator="median", byzantine_fraction=0.34, byzantine_attack="alie",
+                          dropout=0.2, local_training=local_training, adv_eps=0.5, adv_norm="l2", adv_steps=2))
+    configs = [dataclasses.replace(cfg, seed=s) for s in (0, 1, 2)]
+    grid = run_grid(configs, progress=False)  # data=None: each seed loads its own split
+    byzantine = set()
+    for c, got in zip(configs, grid):
+        want = run_federated(c)
+        byzantine.add(tuple(got.byzantine))
+        torch.testing.assert_close(_params(got), _params(want), rtol=1e-4, atol=1e-5)
+        assert got.byzantine == want.byzantine
+        n_test = len(load_dataset("digits", seed=c.seed).y_test)
+        for a, b in zip(got.history, want.history):
+            assert (a["participants"], a["dropped_out"], a["byzantine"]) == (b["participants"], b["dropped_out"], b["byzantine"])
+            assert abs(a["clean_accuracy"] - b["clean_accuracy"]) <= 1 / n_test + 1e-12
+    assert len(byzantine) > 1  # the seeds really drew different attackers
+    if local_training == "standard":
+        data = {s: load_dataset("digits", seed=s) for s in (0, 1, 2)}
+        again = run_grid(configs, data=data, progress=False)
+        assert all(a.history == b.history for a, b in zip(again, grid))
+        with pytest.raises(ValueError, match=r"not for the configs' seed\(s\) \[2\]"):
+            run_grid(configs, data={0: data[0], 1: data[1]}, progress=False)
+        with pytest.raises(ValueError, match=r"differs from config 0 in \['lr'\]"):
+            run_grid([configs[0], dataclasses.replace(configs[1], lr=0.5)], progress=False)
