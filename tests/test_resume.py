@@ -28,7 +28,7 @@ from robustfl_lib.federated import config_dict
 TINY = dict(dataset="digits", num_clients=6, rounds=4, local_epochs=1, batch_size=16, partition="dirichlet",
             alpha=0.5, checkpoint_every=2, progress=False)
 
-CASES = ("median", "centered_clipping", "norm_clip_noise", "backdoor", "dropout", "adversarial")
+CASES = ("median", "centered_clipping", "norm_clip_noise", "backdoor", "dropout", "adversarial", "mimic")
 
 
 def make_config(case: str) -> FLConfig:
@@ -48,6 +48,9 @@ def make_config(case: str) -> FLConfig:
                         byzantine_attack="gaussian")
     if case == "adversarial":
         return FLConfig(**TINY, local_training="adversarial", adv_steps=2, eval_eps=0.1, eval_steps=2)
+    if case == "mimic":  # a stateful attack: its direction estimate spans the checkpoint, its choice comes after
+        return FLConfig(**TINY, aggregator="median", byzantine_fraction=0.34, byzantine_attack="mimic",
+                        attack_kwargs={"warmup": 3})
     raise ValueError(f"unknown case {case!r}")
 
 
