@@ -97,3 +97,25 @@ def test_chapter_derives_every_seed_from_its_base_seed(chapter):
     assert "rfl.base_seed()" in code, f"{chapter.name} does not read its base seed (SEED = rfl.base_seed())"
     literal = [line.strip() for line in code.splitlines() if LITERAL_SEED.search(line)]
     assert not literal, f"{chapter.name} seeds with literals instead of SEED: {literal}"
+
+
+EXERCISE = re.compile(r"^```\{exercise\}[^\n]*\n(.*?)^```", re.M | re.S)
+SOLUTION = re.compile(r"^```\{solution-start\}\s*(\S+)[^\n]*\n(.*?)^```", re.M | re.S)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_exercise_has_a_solution_in_a_dropdown(chapter):
+    """QuantEcon's habit: each exercise is followed by its solution, folded so a student tries first.
+    The same rule is checked on the rendered pages (tests/test_site.py); this check needs no build."""
+    text = chapter.read_text()
+    labels = []
+    for body in EXERCISE.findall(text):
+        label = re.search(r"^:label:\s*(\S+)", body, re.M)
+        assert label, f"{chapter.name}: an exercise has no :label:, so no solution can refer to it:\n{body[:200]}"
+        labels.append(label.group(1))
+    solutions = {name: options for name, options in SOLUTION.findall(text)}
+    missing = [name for name in labels if name not in solutions]
+    assert not missing, f"{chapter.name}: exercises without a solution: {missing}"
+    folded = [name for name, options in solutions.items() if re.search(r"^:class:.*\bdropdown\b", options, re.M)]
+    assert sorted(folded) == sorted(solutions), f"{chapter.name}: solutions not in a dropdown: {set(solutions) - set(folded)}"
+    assert text.count("```{solution-start}") == text.count("```{solution-end}"), f"{chapter.name}: unbalanced solution-start/end"
