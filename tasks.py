@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -106,11 +107,14 @@ def rotation(chapters: list[Path], spec: str | None = None, today: date | None =
 def notebooks_to_ipynb(dest: Path, sources: list[Path] | None = None) -> list[Path]:
     """Convert the chapters (MyST .md; default all) to .ipynb in ``dest``; the .md files stay the only source."""
     sources = chapter_sources() if sources is None else sources
-    out = []
-    for src in sources:
-        target = dest / (src.stem + ".ipynb")
-        sh(BIN / "jupytext", "--quiet", "--to", "ipynb", "-o", target, src)
-        out.append(target)
+    out = [dest / (src.stem + ".ipynb") for src in sources]
+    # One process for all of them: a jupytext process per chapter costs a second or two each to start.
+    script = ("import sys, jupytext\n"
+              "for src, target in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+              "    jupytext.write(jupytext.read(src), target, fmt='ipynb')\n")
+    pairs = [str(x) for src, target in zip(sources, out) for x in (src, target)]
+    print(f"+ jupytext: {len(sources)} chapter(s) -> {dest}", flush=True)
+    subprocess.run([str(PY), "-c", script, *pairs], check=True, cwd=ROOT)
     return out
 
 
@@ -141,7 +145,7 @@ def build_book(args: list[str]) -> int:
 
 def start_book_build(log: Path) -> tuple[subprocess.Popen, float]:
     """The book build in the background, its output to ``log`` (so that it does not interleave
-    with the tests' output); with :func:`finish_book_build`."""
+    with the tests' output)."""
     cmd = _book_command([])
     print("+", " ".join(cmd), f"> {log}  (in the background, beside the tests)", flush=True)
     handle = log.open("w")
@@ -150,18 +154,8 @@ def start_book_build(log: Path) -> tuple[subprocess.Popen, float]:
     return proc, time.perf_counter()
 
 
-def finish_book_build(proc: subprocess.Popen, started: float, log: Path) -> int:
-    rc = proc.wait()
-    print(f"[tasks.py] the book build took {time.perf_counter() - started:.0f} s (exit code {rc}); its log: {log}",
-          flush=True)
-    text = log.read_text(errors="replace").splitlines()
-    shown = text if rc != 0 else text[-15:]
-    print("\n".join(f"  [book] {line}" for line in shown), flush=True)
-    return rc
-
-
-def run_rotated(chapter: Path, seed: int, tmp: Path) -> int:
-    """One chapter under nbval with ROBUSTFL_SEED=seed; its exit code."""
+def run_rotated(chapter: Path, seed: int, tmp: Path, log: Path | None = None) -> int:
+    """One chapter under nbval with ROBUSTFL_SEED=seed (output to ``log`` if given); its exit code."""
     how = (f"ROBUSTFL_ROTATE={chapter.name[:2]}:{seed} python tasks.py test, or alone: "
            f"python benchmarks/chapter_seeds.py --chapters {chapter.name[:2]} --seeds {seed}")
     print(f"[tasks.py] rotating seed: {chapter.name} with {SEED_VARIABLE}={seed} (reproduce: {how})", flush=True)
@@ -172,7 +166,10 @@ def run_rotated(chapter: Path, seed: int, tmp: Path) -> int:
     cmd = [PY, "-m", "pytest", nb, "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=900",
            "-p", "no:cacheprovider"]
     print(f"+ {SEED_VARIABLE}={seed}", " ".join(map(str, cmd)), flush=True)
-    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    if log is None:
+        rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    else:
+        rc = _logged(cmd, log, env)
     if rc != 0:
         print(f"FAILED: {chapter.name} does not hold at {SEED_VARIABLE}={seed}; reproduce with {how}", flush=True)
     return rc
@@ -182,33 +179,65 @@ def test(args: list[str]) -> int:
     """Unit tests, every chapter under nbval, and a browser check of the freshly built site;
     then one chapter on a rotating base seed (see the module docstring).
 
-    Every chapter pins PyTorch to one thread, so on two cores the book build (which executes
-    every chapter) runs beside the unit tests and nbval (which executes them again) instead of
-    before them; the browser check waits for the site."""
+    Every chapter pins PyTorch to one thread, so the two cores hold two lanes: the unit tests
+    and nbval (which executes every chapter) in one, in the foreground; in the other the book
+    build (which executes them again), then the browser check of the site it built, then the
+    rotated chapter. The second lane's output goes to logs under book/_build/, printed at the end."""
     rotated = rotation(chapter_sources())  # a bad ROBUSTFL_ROTATE fails before the long runs
     setup()
     ensure_chromium()
-    (ROOT / "book" / "_build").mkdir(parents=True, exist_ok=True)
-    log = ROOT / "book" / "_build" / "build.log"
-    book_proc, book_started = start_book_build(log)
-    try:
-        with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
-            nbs = notebooks_to_ipynb(Path(tmp))
-            env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
-            pytest = [PY, "-m", "pytest", "-p", "no:cacheprovider"]
-            cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *nbs, "--nbval-lax", "--nbval-current-env",
-                   "--nbval-cell-timeout=900", *args]
-            print("+", " ".join(map(str, cmd)), flush=True)
-            rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
-            rc_rotated = run_rotated(*rotated, Path(tmp)) if rotated else 0
-    finally:
-        rc_book = finish_book_build(book_proc, book_started, log)
-    cmd = [*pytest, "tests/test_site.py", *args]
-    print("+", " ".join(map(str, cmd)), flush=True)
-    rc_site = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    build = ROOT / "book" / "_build"
+    build.mkdir(parents=True, exist_ok=True)
+    log = build / "build.log"
+    env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
+    pytest = [PY, "-m", "pytest", "-p", "no:cacheprovider"]
+    with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
+        nbs = notebooks_to_ipynb(Path(tmp))
+        lane: dict[str, int] = {}
+
+        def second_lane() -> None:
+            book_proc, book_started = start_book_build(log)
+            lane["book"] = book_proc.wait()
+            lane["book_seconds"] = round(time.perf_counter() - book_started)
+            site_cmd = [*pytest, "tests/test_site.py", *args]
+            lane["site"] = _logged(site_cmd, build / "site.log", env)
+            lane["rotated"] = run_rotated(*rotated, Path(tmp), build / "rotated.log") if rotated else 0
+
+        worker = threading.Thread(target=second_lane, name="book-site-rotation")
+        worker.start()
+        cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *nbs, "--nbval-lax", "--nbval-current-env",
+               "--nbval-cell-timeout=900", *args]
+        print("+", " ".join(map(str, cmd)), flush=True)
+        started = time.perf_counter()
+        rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+        print(f"[tasks.py] unit tests and nbval took {time.perf_counter() - started:.0f} s (exit code {rc_tests}); "
+              "waiting for the book build, the browser check and the rotated chapter", flush=True)
+        worker.join()
+    rc_book = lane.get("book", 1)
+    print(f"[tasks.py] the book build took {lane.get('book_seconds', '?')} s (exit code {rc_book}); its log: {log}",
+          flush=True)
+    text = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
+    print("\n".join(f"  [book] {line}" for line in (text if rc_book != 0 else text[-15:])), flush=True)
+    for name in ("site", "rotated"):
+        part = build / f"{name}.log"
+        if part.exists():
+            print(f"[tasks.py] {name} log ({part}):", flush=True)
+            print(part.read_text(errors="replace"), flush=True)
+    rc_site, rc_rotated = lane.get("site", 1), lane.get("rotated", 1)
     if rc_book != 0:
         print("FAILED: the book build (jupyter-book build book -W -n) failed; see its errors above", flush=True)
+    if rc_site != 0:
+        print("FAILED: the browser check of the site (tests/test_site.py); see its log above", flush=True)
     return rc_tests or rc_book or rc_rotated or rc_site
+
+
+def _logged(cmd: list, log: Path, env: dict[str, str]) -> int:
+    """Run ``cmd`` with its output in ``log``; its exit code."""
+    with log.open("w") as handle:
+        handle.write("+ " + " ".join(map(str, cmd)) + "\n")
+        handle.flush()
+        return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, stdout=handle,
+                              stderr=subprocess.STDOUT).returncode
 
 
 def book(args: list[str]) -> int:
