@@ -378,7 +378,7 @@ def run_over_seeds(configs: Mapping[Any, FLConfig] | Sequence[FLConfig], seeds: 
     their own, and a group that still fails runs one config at a time; a failed run is
     a :class:`robustfl_lib.experiments.RunFailure` (as in
     :func:`robustfl_lib.experiments.run_attacks`), whose metrics are NaN, which
-    :func:`summarize` refuses naming the seed's position.
+    :func:`summarize` refuses, naming the failed run's position among the seeds.
     """
     named = dict(configs) if isinstance(configs, Mapping) else dict(enumerate(configs))
     if not named:

@@ -119,7 +119,7 @@ class FLConfig:
     adv_steps: int = 5  #: ... PGD steps
     adv_alpha: float | None = None  #: ... PGD step size (None: 2.5 * eps / steps)
     adv_norm: str = "linf"  #: ... "linf" or "l2"
-    adv_mix: float = 0.5  #: ... weight of the adversarial loss (0.5: the seed's 50/50; 1.0: Madry et al.)
+    adv_mix: float = 0.5  #: ... weight of the adversarial loss (0.5: Tutorial 157's 50/50; 1.0: Madry et al.)
     adv_random_start: bool = True
     eval_eps: float | None = None  #: robust accuracy under PGD at this budget on the test split (None: skip)
     eval_steps: int = 10  #: ... PGD steps of that evaluation

@@ -155,7 +155,7 @@ def adversarial_train(
 
     .. math::  (1 - mix)\\, \\mathrm{CE}(f(x_b), y_b) + mix\\, \\mathrm{CE}(f(x_{adv}), y_b).
 
-    ``mix=0.5`` is the 50/50 objective of Goodfellow et al. (2015), the seed tutorial's
+    ``mix=0.5`` is the 50/50 objective of Goodfellow et al. (2015), Tutorial 157's
     recipe; ``mix=1.0`` is the min-max objective of Madry et al. (2018), which trains on the
     worst case only; ``mix=0`` is standard training. With ``0 < mix < 1`` the clean and
     adversarial halves go through the model as one batch.
