@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .robust_stats import check_updates, compute_dtype, finite_rows, pairwise_sq_distances
+from ..robust_stats import check_updates, compute_dtype, finite_rows, pairwise_sq_distances
 
 __all__ = ["PreAggregator", "NNM", "Clipping", "PRE_AGGREGATORS", "check_f"]
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from .params import flatten_state, unflatten_state
+from ..params import flatten_state, unflatten_state
 # Pre-aggregators and the shared statistics live in sibling modules; re-exported here.
 from .preaggregation import NNM, PRE_AGGREGATORS, Clipping, PreAggregator, check_f
-from .robust_stats import (
+from ..robust_stats import (
     check_updates,
     compute_dtype,
     coordinate_median,
