@@ -3,17 +3,21 @@
 * :mod:`.base`: :class:`Aggregator`, :class:`RobustAggregator` (requirements on ``n`` and ``f``,
   non-finite rows, ``last_info``: the conventions every rule shares, described there),
   :class:`Pipeline`, the registry of names and :func:`get_aggregator`, :func:`aggregate_states`;
-* :mod:`.coordinatewise`: :class:`Mean`, :class:`Median`, :class:`TrimmedMean`;
-* :mod:`.distance`: :class:`Krum`, :class:`MultiKrum`, :class:`Bulyan`;
+* :mod:`.coordinatewise`: :class:`Mean`, :class:`Median`, :class:`TrimmedMean`, :class:`Meamed`;
+* :mod:`.distance`: :class:`Krum`, :class:`MultiKrum`, :class:`Bulyan`, :class:`MDA`, :class:`MoNNA`;
 * :mod:`.iterative`: :class:`GeometricMedian`, :class:`CenteredClipping`;
-* :mod:`.preaggregation`: :class:`NNM`, :class:`Clipping` (maps ``(n, d)`` to ``(n, d)`` before a rule).
+* :mod:`.spectral`: :class:`SMEA`, :class:`CAF` (the covariance's largest eigenvalue);
+* :mod:`.preaggregation`: :class:`NNM`, :class:`Clipping`, :class:`ARC` (``(n, d)`` to ``(n, d)``
+  before a rule) and :class:`Bucketing` (``(n, d)`` to ``(ceil(n/s), d)``).
 
 Every public name is importable from here and from ``robustfl_lib``. Chapters ``00_introduction``
-and ``04_median`` to ``08_stronger_aggregators`` teach them.
+and ``04_median`` to ``08_stronger_aggregators`` teach the rules of 2017-2019; the rest (ByzFL's
+rules, Bucketing, ARC) are taught in chapter: (to come, issue 14).
 """
 
 from ..robust_stats import coordinate_median, pairwise_sq_distances, sort_columns
 from .base import (
+    AGGREGATOR_ALIASES,
     AGGREGATORS,
     Aggregator,
     NonFiniteBeyondTolerance,
@@ -22,10 +26,11 @@ from .base import (
     aggregate_states,
     get_aggregator,
 )
-from .coordinatewise import Mean, Median, TrimmedMean
-from .distance import Bulyan, Krum, MultiKrum, krum_scores
+from .coordinatewise import Meamed, Mean, Median, TrimmedMean, mean_around_median
+from .distance import MDA, Bulyan, Krum, MoNNA, MultiKrum, krum_scores, subset_complements
 from .iterative import CenteredClipping, GeometricMedian, spread_radius
-from .preaggregation import NNM, PRE_AGGREGATORS, Clipping, PreAggregator
+from .preaggregation import ARC, NNM, PRE_AGGREGATORS, Bucketing, Clipping, PreAggregator
+from .spectral import CAF, SMEA
 
 __all__ = [
     "Aggregator",
@@ -52,6 +57,17 @@ __all__ = [
     "AGGREGATORS",
     "get_aggregator",
     "aggregate_states",
+    # issue 14
+    "Meamed",
+    "MDA",
+    "MoNNA",
+    "CAF",
+    "SMEA",
+    "Bucketing",
+    "ARC",
+    "AGGREGATOR_ALIASES",
+    "mean_around_median",
+    "subset_complements",
 ]
 
 # Names accepted by get_aggregator (and FLConfig.aggregator), in the order they were introduced.
@@ -64,4 +80,9 @@ AGGREGATORS.update({
     "geometric_median": GeometricMedian,
     "centered_clipping": CenteredClipping,
     "bulyan": Bulyan,
+    "meamed": Meamed,
+    "mda": MDA,
+    "monna": MoNNA,
+    "caf": CAF,
+    "smea": SMEA,
 })

@@ -49,6 +49,7 @@ __all__ = [
     "NonFiniteBeyondTolerance",
     "Pipeline",
     "AGGREGATORS",
+    "AGGREGATOR_ALIASES",
     "get_aggregator",
     "aggregate_states",
 ]
@@ -181,14 +182,37 @@ class RobustAggregator(Aggregator):
         return out.to(updates.dtype)
 
 
+def _to_clients(info: dict[str, Any], mix: torch.Tensor) -> dict[str, Any]:
+    """A rule's ``last_info`` on regrouped rows ``y = M x`` in terms of the clients (see :class:`Pipeline`)."""
+    home = mix.argmax(dim=0)  # per client, the row it weighs most in
+    for key, value in info.items():
+        if key == "weights":
+            info[key] = mix.T @ value.to(mix.dtype)
+        elif key == "selected":
+            info[key] = (mix[value.reshape(-1)] != 0).any(dim=0).nonzero().flatten()
+        elif key in _PER_ROW:
+            info[key] = value[home]
+    return info
+
+
 class Pipeline(RobustAggregator):
-    """Pre-aggregation steps followed by an aggregator: ``Pipeline(NNM(f), Krum(f))``.
+    r"""Pre-aggregation steps followed by an aggregator: ``Pipeline(NNM(f), Krum(f))``.
 
     Non-finite rows are dropped once, before the first step (each step's ``f``
-    then shrinks by their number); every pre-aggregator maps ``(n, d)`` to
+    then shrinks by their number); NNM, Clipping and ARC map ``(n, d)`` to
     ``(n, d)`` with rows still in client order, so ``last_info`` (the final
-    aggregator's, plus ``"pre"``: one dict per step) refers to clients.
-    ``get_aggregator("nnm+krum", f=2)`` builds the same. Chapter ``08_stronger_aggregators``.
+    aggregator's, plus ``"pre"``: one dict per step, its name and what it reports)
+    refers to clients. ``get_aggregator("nnm+krum", f=2)`` builds the same.
+
+    A step that regroups rows (:class:`~robustfl_lib.aggregators.Bucketing`: ``m`` bucket
+    means) gives the rows that follow as :math:`y = M x`, ``M`` being ``(m, n)``; each later
+    step and the rule get the same ``f`` (see Bucketing for why) and their requirement is
+    checked on ``m`` rows. The rule's ``last_info`` is then mapped back to clients:
+    ``"weights"`` :math:`w` becomes :math:`M^\top w` (each client's weight in an output that is
+    a weighted average), ``"selected"`` the clients of the selected rows, and
+    ``"scores"``/``"kept_fraction"`` give each client the value of the row it weighs most in.
+    Sample counts (``weights``) do not reach the rule after regrouping. Chapter
+    ``08_stronger_aggregators``; bucketing and ARC: (to come, issue 14).
     """
 
     def __init__(self, *steps: PreAggregator | Aggregator):
@@ -196,7 +220,7 @@ class Pipeline(RobustAggregator):
             raise ValueError("Pipeline needs pre-aggregators followed by one Aggregator as its last step")
         for s in steps[:-1]:
             if not isinstance(s, PreAggregator):
-                raise ValueError(f"every step but the last must be a PreAggregator (NNM, Clipping), got {s!r}")
+                raise ValueError(f"every step but the last must be a PreAggregator (NNM, Clipping, ARC, Bucketing), got {s!r}")
         self.steps = steps
 
     @property
@@ -204,15 +228,28 @@ class Pipeline(RobustAggregator):
         return max(s.f for s in self.steps)
 
     def requirement(self, n: int, f: int) -> None:
+        regrouped = None
         for s in self.steps:
-            s.requirement(n, max(s.f - (self.f - f), 0))
+            try:
+                s.requirement(n, max(s.f - (self.f - f), 0))
+            except ValueError as err:
+                if regrouped is None:
+                    raise
+                raise ValueError(f"after {regrouped}, {n} bucket means remain: {err}") from None
+            if isinstance(s, PreAggregator) and s.regroups:
+                n, regrouped = s.rows_out(n), type(s).__name__
+
+    def _rows_out(self, n: int) -> int:
+        for s in self.steps[:-1]:
+            n = s.rows_out(n)
+        return n
 
     def tolerated(self, n: int) -> int:
         """The least that any step tolerates: ``f`` of each pre-aggregator that takes ``f``,
-        and the final rule's own tolerance (0 for a rule that is not robust)."""
+        and the final rule's own tolerance (0 for a rule that is not robust) on the rows it gets."""
         last = self.steps[-1]
         bounds = [s.f for s in self.steps[:-1] if "f" in inspect.signature(type(s)).parameters]
-        bounds.append(last.tolerated(n) if isinstance(last, RobustAggregator) else 0)
+        bounds.append(last.tolerated(self._rows_out(n)) if isinstance(last, RobustAggregator) else 0)
         return min(bounds)
 
     def reset(self) -> None:
@@ -227,10 +264,19 @@ class Pipeline(RobustAggregator):
     def aggregate_finite(self, updates, weights, dropped):
         x = updates
         pre_info = []
+        mix = None  # (rows of x, clients) once a step has regrouped the rows
         for step in self.steps[:-1]:
-            x = step.transform(x, dropped)
-            pre_info.append({"name": type(step).__name__})
+            step.last_info = {}
+            if step.regroups:
+                x, m = step.transform_with_mixing(x, dropped)
+                mix = m if mix is None else m @ mix
+                weights = None
+            else:
+                x = step.transform(x, dropped)
+            pre_info.append({"name": type(step).__name__, **step.last_info})
         out, info = self.steps[-1].aggregate_finite(x, weights, dropped)
+        if mix is not None:
+            info = _to_clients(info, mix)
         info["pre"] = pre_info
         return out, info
 
@@ -240,6 +286,8 @@ class Pipeline(RobustAggregator):
 
 #: Names accepted by :func:`get_aggregator` (and ``FLConfig.aggregator``).
 AGGREGATORS: dict[str, type[Aggregator]] = {}  # filled by the package, family by family (``__init__.py``)
+#: Short names :func:`get_aggregator` also accepts (not listed in ``AGGREGATORS``, which holds each rule once).
+AGGREGATOR_ALIASES: dict[str, str] = {"cc": "centered_clipping"}
 
 
 def _build(cls: type, f: int, kwargs: dict[str, Any]):
@@ -252,9 +300,10 @@ def get_aggregator(spec: str | Aggregator, f: int = 0, **kwargs) -> Aggregator:
     """An aggregator from its name or the object itself (returned unchanged).
 
     Names: ``"mean"``, ``"median"``, ``"trimmed_mean"``, ``"krum"``,
-    ``"multi_krum"``, ``"geometric_median"``, ``"centered_clipping"``,
-    ``"bulyan"``; pre-aggregators are prefixed with ``+``: ``"nnm+krum"``,
-    ``"clipping+mean"``, ``"nnm+clipping+median"``. ``f`` (the number of
+    ``"multi_krum"``, ``"geometric_median"``, ``"centered_clipping"`` (or ``"cc"``),
+    ``"bulyan"``, ``"meamed"``, ``"mda"``, ``"monna"``, ``"caf"``, ``"smea"``; pre-aggregators
+    (``"nnm"``, ``"clipping"``, ``"arc"``, ``"bucketing"``) are prefixed with ``+``: ``"nnm+krum"``,
+    ``"clipping+mean"``, ``"nnm+clipping+median"``, ``"bucketing+cc"``, ``"arc+nnm+trimmed_mean"``. ``f`` (the number of
     Byzantine clients to tolerate) goes to every step that takes it; ``kwargs``
     go to the final aggregator.
     """
@@ -264,6 +313,7 @@ def get_aggregator(spec: str | Aggregator, f: int = 0, **kwargs) -> Aggregator:
         raise ValueError(f"aggregator must be a name or an Aggregator, got {spec!r}")
     check_f(f)
     *pre, final = spec.split("+")
+    final = AGGREGATOR_ALIASES.get(final, final)
     if final not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {final!r}; choose one of {sorted(AGGREGATORS)}")
     unknown = [p for p in pre if p not in PRE_AGGREGATORS]

@@ -1,6 +1,6 @@
 """Coordinate-wise rules: each coordinate of the output is computed from the ``n`` values of that
-coordinate alone (the mean, the median, the trimmed mean). Chapters ``00_introduction``,
-``04_median`` and ``05_trimmed_mean``.
+coordinate alone (the mean, the median, the trimmed mean, the mean around the median). Chapters
+``00_introduction``, ``04_median`` and ``05_trimmed_mean``; Meamed: (to come, issue 14).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from ..robust_stats import compute_dtype, coordinate_median, finite_rows, sort_c
 from .base import Aggregator, RobustAggregator
 from .preaggregation import check_f
 
-__all__ = ["Mean", "Median", "TrimmedMean"]
+__all__ = ["Mean", "Median", "TrimmedMean", "Meamed", "mean_around_median"]
 
 
 class Mean(Aggregator):
@@ -103,3 +103,57 @@ class TrimmedMean(RobustAggregator):
         ct = compute_dtype(updates.dtype)
         info = {"kept_fraction": _kept_fraction(updates, s[f], s[n - f - 1])}
         return s[f : n - f].to(ct).mean(dim=0), info
+
+
+def mean_around_median(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the mean of the ``k`` values closest to the median, from columns sorted
+    along dim 0 (``(m, d)``, :func:`~robustfl_lib.robust_stats.sort_columns`); also returns the
+    first sorted row of each coordinate's chosen run (``(d,)``).
+
+    The ``k`` values closest to the median form a contiguous run of the sorted column: among
+    the ``m - k + 1`` runs of length ``k``, the one with the smallest reach from the median
+    (the first such run when two tie). Needs ``k > m / 2`` (then every run holds the middle).
+    """
+    m = s.shape[0]
+    med = coordinate_median(s, sorted_x=s).to(compute_dtype(s.dtype))
+    starts = torch.arange(m - k + 1, device=s.device)
+    reach = torch.maximum(med - s[starts].to(med.dtype), s[starts + k - 1].to(med.dtype) - med)
+    first = reach.argmin(dim=0)
+    rows = first[None, :] + torch.arange(k, device=s.device)[:, None]
+    return s.gather(0, rows).to(med.dtype).mean(dim=0), first
+
+
+class Meamed(RobustAggregator):
+    r"""Mean around the median (Xie, Koyejo & Gupta 2018, "Generalized Byzantine-tolerant SGD").
+
+    Per coordinate :math:`k`, the mean of the :math:`n - f` values closest to the median:
+
+    .. math:: \mathrm{Meamed}_f(x)_k = \frac{1}{n-f}\sum_{j=1}^{n-f} x_{\pi_k(j),k},\qquad
+        |x_{\pi_k(1),k} - \mathrm{med}_k| \le \dots \le |x_{\pi_k(n),k} - \mathrm{med}_k|,
+
+    :math:`\mathrm{med}_k` being the coordinate's median (the mean of the two middle values when
+    ``n`` is even, as :class:`Median`). Like the trimmed mean it averages ``n - f`` values, but
+    centred on the median rather than symmetric in rank, so ``f`` values on one side are dropped
+    from that side. Requires :math:`n > 2f`; ``f = 0`` is the mean. Two values equally far from
+    the median on opposite sides at the edge of the kept run (a tie the definition leaves open;
+    ByzFL's ``argpartition`` breaks it arbitrarily) are decided for the smaller value. One sort
+    per coordinate, then :math:`f + 1` candidate runs: no loop over coordinates.
+    ``last_info["kept_fraction"]``: how often each row's value was among the averaged ones.
+    Taught in chapter: (to come, issue 14).
+    """
+
+    def __init__(self, f: int):
+        self.f = check_f(f)
+
+    def requirement(self, n: int, f: int) -> None:
+        if not 2 * f < n:
+            raise ValueError(f"Meamed(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
+
+    def aggregate_finite(self, updates, weights, dropped):
+        n = updates.shape[0]
+        k = n - max(self.f - dropped, 0)
+        s = sort_columns(updates)
+        out, first = mean_around_median(s, k)
+        lo = s.gather(0, first[None, :])[0]
+        hi = s.gather(0, (first + k - 1)[None, :])[0]
+        return out, {"kept_fraction": _kept_fraction(updates, lo, hi)}

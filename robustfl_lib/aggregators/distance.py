@@ -1,18 +1,21 @@
 """Distance-based rules: they choose or weight whole updates from their pairwise distances
-(Krum, Multi-Krum, Bulyan's selection). Chapters ``06_krum`` to ``08_stronger_aggregators``.
+(Krum, Multi-Krum, Bulyan's selection, minimum-diameter averaging) or their distances to one
+update (MoNNA). Chapters ``06_krum`` to ``08_stronger_aggregators``; MDA and MoNNA: (to come, issue 14).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from ..robust_stats import compute_dtype, coordinate_median, pairwise_sq_distances, sort_columns
+from ..robust_stats import compute_dtype, finite_rows, pairwise_sq_distances, sort_columns, sq_distances_to
 from .base import RobustAggregator
+from .coordinatewise import mean_around_median
 from .preaggregation import check_f
 
-__all__ = ["Krum", "MultiKrum", "Bulyan", "krum_scores"]
+__all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "MoNNA", "krum_scores", "subset_complements"]
 
 
 def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
@@ -179,12 +182,142 @@ class Bulyan(RobustAggregator):
             chosen.append(best)
             remaining[best] = False
         selected = torch.stack(chosen)
-        s = sort_columns(updates[selected])
-        med = coordinate_median(s, sorted_x=s).to(compute_dtype(updates.dtype))
-        # The beta values closest to the median form a contiguous run of the sorted column:
-        # among the 2f + 1 runs of length beta, take the one with the smallest reach from it.
-        starts = torch.arange(theta - beta + 1, device=s.device)
-        reach = torch.maximum(med - s[starts].to(med.dtype), s[starts + beta - 1].to(med.dtype) - med)
-        first = reach.argmin(dim=0)
-        rows = first[None, :] + torch.arange(beta, device=s.device)[:, None]
-        return s.gather(0, rows).to(med.dtype).mean(dim=0), {"selected": selected}
+        # Stage 2 is Meamed's: the beta values closest to the median, per coordinate.
+        out, _ = mean_around_median(sort_columns(updates[selected]), beta)
+        return out, {"selected": selected}
+
+
+def subset_complements(n: int, f: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every subset of ``n - f`` of the rows ``0..n-1``, as a ``(C(n, f), n - f)`` tensor of sorted
+    row indices, in the lexicographic order of the kept rows (the order of
+    ``itertools.combinations(range(n), n - f)``, which ByzFL searches). Built from the ``f``
+    removed rows: the lexicographic order of the complements is the reverse of theirs."""
+    if f == 0:
+        return torch.arange(n, device=device)[None, :]
+    removed = torch.combinations(torch.arange(n, device=device), f).reshape(-1, f).flip(0)
+    keep = torch.ones(len(removed), n, dtype=torch.bool, device=device)
+    keep.scatter_(1, removed, False)
+    return keep.nonzero()[:, 1].reshape(len(removed), n - f)
+
+
+class MDA(RobustAggregator):
+    r"""Minimum-diameter averaging (El Mhamdi, Guerraoui, Guirguis, Hoang & Rouault 2020,
+    "Genuinely Distributed Byzantine Machine Learning", PODC; Rousseeuw's MVE idea for averaging).
+
+    .. math:: \mathrm{MDA}_f(x) = \frac{1}{n-f}\sum_{i\in S^\star} x_i,\qquad
+        S^\star \in \arg\min_{|S| = n - f}\ \max_{i, j \in S} \|x_i - x_j\|,
+
+    the mean of the :math:`n - f` updates of smallest diameter. Requires :math:`n > 2f`: then
+    :math:`S^\star` holds a majority of honest rows and every Byzantine row in it lies within the
+    honest diameter of them, so it moves the mean by at most :math:`f/(n-f)` times that diameter.
+
+    **Bounded search.** Finding :math:`S^\star` is combinatorial (a max-clique problem in general);
+    this searches all :math:`\binom{n}{f}` sets of removed rows exactly, and more than
+    ``max_subsets`` of them (default 100,000: :math:`n = 50` allows :math:`f \le 3`) raise
+    ``ValueError``. A subset's diameter is found among the :math:`f(n-1) + 1` largest pairwise
+    distances only (fewer pairs than that touch the :math:`f` removed rows), so the search costs
+    :math:`O(\binom{n}{f} f^2 n)` after one Gram matrix. Ties (equal diameters) go to the first
+    subset in the lexicographic order of the kept rows, ByzFL's order. ``f = 0`` is the mean.
+    ``last_info["selected"]``: the kept rows; ``["weights"]``; ``["diameter"]``; ``["subsets"]``.
+    Taught in chapter: (to come, issue 14).
+    """
+
+    def __init__(self, f: int, max_subsets: int = 100_000):
+        self.f = check_f(f)
+        if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) or max_subsets < 1:
+            raise ValueError(f"max_subsets must be an integer >= 1, got {max_subsets!r}")
+        self.max_subsets = max_subsets
+
+    def requirement(self, n: int, f: int) -> None:
+        if not 2 * f < n:
+            raise ValueError(f"MDA(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
+        count = math.comb(n, f)
+        if count > self.max_subsets:
+            raise ValueError(
+                f"MDA(f={f}) on n={n} updates searches C(n, f) = {count} subsets, more than "
+                f"max_subsets={self.max_subsets}; lower f or raise max_subsets (the search is combinatorial)"
+            )
+
+    def aggregate_finite(self, updates, weights, dropped):
+        n = updates.shape[0]
+        f = max(self.f - dropped, 0)
+        ct = compute_dtype(updates.dtype)
+        if f == 0:
+            w = torch.full((n,), 1.0 / n, dtype=torch.float64, device=updates.device)
+            return w.to(ct) @ updates.to(ct), {"selected": torch.arange(n, device=updates.device), "weights": w,
+                                               "subsets": 1}
+        dist = pairwise_sq_distances(updates)
+        i, j = torch.triu_indices(n, n, 1, device=dist.device)
+        top = min(f * (n - 1) + 1, len(i))
+        pair_d, order = dist[i, j].topk(top)
+        pi, pj = i[order], j[order]
+        removed = torch.combinations(torch.arange(n, device=dist.device), f).reshape(-1, f).flip(0)
+        diam = torch.empty(len(removed), dtype=torch.float64, device=dist.device)
+        chunk = max(1, (1 << 22) // (f * top))
+        for start in range(0, len(removed), chunk):  # batches of subsets, not of clients
+            r = removed[start : start + chunk, :, None]
+            touched = ((r == pi) | (r == pj)).any(dim=1)  # (c, top): pairs with a removed end
+            diam[start : start + len(r)] = pair_d[(~touched).int().argmax(dim=1)]
+        best = int(diam.argmin())
+        keep = torch.ones(n, dtype=torch.bool, device=dist.device)
+        keep[removed[best]] = False
+        rows = keep.nonzero().flatten()
+        w = torch.zeros(n, dtype=torch.float64, device=updates.device).index_fill_(0, rows, 1.0 / (n - f))
+        info = {"selected": rows, "weights": w, "diameter": float(diam[best].sqrt()), "subsets": len(removed)}
+        return w.to(ct) @ updates.to(ct), info
+
+
+class MoNNA(RobustAggregator):
+    r"""MoNNA, the mean of the nearest neighbours of a trusted update (Farhadkhani, Guerraoui,
+    Gupta, Hoang, Pinot & Stephan 2023, "Robust Collaborative Learning with Linear Gradient
+    Overhead", ICML).
+
+    .. math:: \mathrm{MoNNA}_{f,p}(x) = \frac{1}{n-f}\sum_{j\in N_p} x_j,\qquad
+        N_p = \text{the } n - f \text{ rows closest to } x_p \text{ (itself included)}.
+
+    The rule is made for peer-to-peer learning, where node ``idx`` (:math:`p`) aggregates around
+    its own, honest, vector; ``idx=0`` is ByzFL's default. In a server-side simulation no row is
+    known to be honest, so ``idx`` names a client the Byzantine draw may hit: choose it knowingly.
+    Requires :math:`n > 2f` and ``idx < n``; a non-finite trusted row is a ``ValueError`` (it
+    cannot be honest). ``idx`` counts the rows as given; inside a :class:`Pipeline` it counts the
+    rows that reach the rule (after non-finite rows are dropped and after bucketing). Distances
+    to one row cost one pass, :math:`O(nd)`; ties go to the lower row. ``last_info["selected"]``:
+    the neighbours; ``["weights"]``. Taught in chapter: (to come, issue 14).
+    """
+
+    def __init__(self, f: int, idx: int = 0):
+        self.f = check_f(f)
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise ValueError(f"idx (the trusted row) must be an integer >= 0, got {idx!r}")
+        self.idx = idx
+        self._pivot: int | None = None
+
+    def requirement(self, n: int, f: int) -> None:
+        if not 2 * f < n:
+            raise ValueError(f"MoNNA(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
+
+    def aggregate(self, updates, weights):
+        n = updates.shape[0]
+        if not self.idx < n:
+            raise ValueError(f"MoNNA(idx={self.idx}) needs idx < n, got n={n} updates")
+        finite = finite_rows(updates)
+        if not bool(finite[self.idx]):
+            raise ValueError(f"the trusted row idx={self.idx} is non-finite, so it cannot be honest")
+        self._pivot = int(finite[: self.idx].sum())  # its position among the finite rows
+        try:
+            return super().aggregate(updates, weights)
+        finally:
+            self._pivot = None
+
+    def aggregate_finite(self, updates, weights, dropped):
+        n = updates.shape[0]
+        f = max(self.f - dropped, 0)
+        p = self.idx if self._pivot is None else self._pivot
+        if not p < n:
+            raise ValueError(f"MoNNA(idx={p}) needs idx < n, got n={n} rows")
+        dist = sq_distances_to(updates, updates[p])
+        dist[p] = -torch.inf  # the trusted row is its own neighbour, even among duplicates
+        rows = torch.sort(dist, stable=True).indices[: n - f]
+        ct = compute_dtype(updates.dtype)
+        w = torch.zeros(n, dtype=torch.float64, device=updates.device).index_fill_(0, rows, 1.0 / (n - f))
+        return w.to(ct) @ updates.to(ct), {"selected": rows, "weights": w}
