@@ -122,6 +122,19 @@ def test_mda_and_smea_equal_brute_force_over_all_subsets(n, f, d, seed):
         assert rule.last_info["subsets"] == math.comb(n, f)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_smea_pruned_search_equals_the_full_search_and_prunes(seed):
+    x = _x(14, 6, seed)
+    x[:2] *= 3.0
+    rule = SMEA(3)
+    out = rule(x)
+    expected, kept = _brute_subsets(x.numpy(), 3, _max_eig)
+    assert rule.last_info["selected"].tolist() == list(kept)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert math.isclose(rule.last_info["eigenvalue"], _max_eig(x.numpy()[list(kept)]), rel_tol=1e-9)
+    assert rule.last_info["eigendecompositions"] < rule.last_info["subsets"] == math.comb(14, 3)
+
+
 def test_mda_reports_the_minimum_diameter():
     x = _x(7, 3, 5)
     rule = MDA(2)

@@ -164,7 +164,7 @@ class Bucketing(PreAggregator):
 
     **Randomness.** ``generator`` (a ``torch.Generator``) draws the permutation; ``None`` draws
     from torch's global generator. Its state is saved and restored by the FL checkpoints (as for
-    every generator an aggregator holds). Costs one ``(m, n) @ (n, d)`` product, one pass.
+    every generator an aggregator holds). Costs one pass over the updates (sums by bucket).
     Returns ``(m, d)``, not ``(n, d)``: inside a :class:`~robustfl_lib.aggregators.Pipeline`, the
     rule's ``last_info`` is mapped back to clients (see there). Taught in chapter: (to come, issue 14).
     """
@@ -201,7 +201,11 @@ class Bucketing(PreAggregator):
         if self.s == 1:  # a permutation: gather the rows, bit for bit
             return updates.index_select(0, mix.argmax(dim=1)), mix
         ct = compute_dtype(updates.dtype)
-        return (mix.to(ct) @ updates.to(ct)).to(updates.dtype), mix
+        # Sums by index_add (one read of the updates), not the (m, n) @ (n, d) product, whose
+        # multiply-adds by zero cost m times more.
+        out = torch.zeros(mix.shape[0], updates.shape[1], dtype=ct, device=updates.device)
+        out.index_add_(0, mix.argmax(dim=0), updates.to(ct))
+        return out.mul_(mix.amax(dim=1).to(ct)[:, None]).to(updates.dtype), mix
 
 
 class ARC(PreAggregator):
