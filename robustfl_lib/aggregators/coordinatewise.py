@@ -5,6 +5,7 @@ coordinate alone (the mean, the median, the trimmed mean, the mean around the me
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..robust_stats import compute_dtype, coordinate_median, finite_rows, sort_columns
@@ -112,15 +113,25 @@ def mean_around_median(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     The ``k`` values closest to the median form a contiguous run of the sorted column: among
     the ``m - k + 1`` runs of length ``k``, the one with the smallest reach from the median
-    (the first such run when two tie). Needs ``k > m / 2`` (then every run holds the middle).
+    (the first such run when two tie). Needs ``k > m / 2``: then every run holds the rows
+    ``m - k .. k - 1``, so a run's sum is that core's plus at most ``m - k`` rows on either side,
+    and no ``(k, d)`` index array is built.
     """
     m = s.shape[0]
-    med = coordinate_median(s, sorted_x=s).to(compute_dtype(s.dtype))
-    starts = torch.arange(m - k + 1, device=s.device)
-    reach = torch.maximum(med - s[starts].to(med.dtype), s[starts + k - 1].to(med.dtype) - med)
-    first = reach.argmin(dim=0)
-    rows = first[None, :] + torch.arange(k, device=s.device)[:, None]
-    return s.gather(0, rows).to(med.dtype).mean(dim=0), first
+    e = m - k  # runs start at rows 0..e
+    ct = compute_dtype(s.dtype)
+    med = coordinate_median(s, sorted_x=s).to(ct)
+    reach = torch.maximum(med - s[: e + 1].to(ct), s[k - 1 :].to(ct) - med)  # (e + 1, d), slices, no copy of s
+    if reach.device.type == "cpu":  # NumPy's argmin along rows is about twice torch's; both take the first minimum
+        first = torch.from_numpy(np.argmin(reach.numpy(), axis=0))
+    else:
+        first = reach.argmin(dim=0)
+    total = s[e:k].to(ct).sum(dim=0)
+    if e > 0:
+        side = torch.arange(e, device=s.device)[:, None]
+        total += torch.where(side >= first, s[:e].to(ct), 0).sum(dim=0)  # left rows first..e-1
+        total += torch.where(side < first, s[k:].to(ct), 0).sum(dim=0)  # right rows k..first+k-1
+    return total / k, first
 
 
 class Meamed(RobustAggregator):

@@ -10,9 +10,15 @@ from collections.abc import Callable
 
 import torch
 
-from ..robust_stats import compute_dtype, finite_rows, pairwise_sq_distances, sort_columns, sq_distances_to
+from ..robust_stats import (
+    compute_dtype,
+    coordinate_median,
+    finite_rows,
+    pairwise_sq_distances,
+    sort_columns,
+    sq_distances_to,
+)
 from .base import RobustAggregator
-from .coordinatewise import mean_around_median
 from .preaggregation import check_f
 
 __all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "MoNNA", "krum_scores", "subset_complements"]
@@ -182,9 +188,17 @@ class Bulyan(RobustAggregator):
             chosen.append(best)
             remaining[best] = False
         selected = torch.stack(chosen)
-        # Stage 2 is Meamed's: the beta values closest to the median, per coordinate.
-        out, _ = mean_around_median(sort_columns(updates[selected]), beta)
-        return out, {"selected": selected}
+        s = sort_columns(updates[selected])
+        med = coordinate_median(s, sorted_x=s).to(compute_dtype(updates.dtype))
+        # The beta values closest to the median form a contiguous run of the sorted column:
+        # among the 2f + 1 runs of length beta, take the one with the smallest reach from it.
+        # (Meamed's rule; kept in this form, which sums the run in order, so that Bulyan's
+        # results stay bitwise those of earlier releases.)
+        starts = torch.arange(theta - beta + 1, device=s.device)
+        reach = torch.maximum(med - s[starts].to(med.dtype), s[starts + beta - 1].to(med.dtype) - med)
+        first = reach.argmin(dim=0)
+        rows = first[None, :] + torch.arange(beta, device=s.device)[:, None]
+        return s.gather(0, rows).to(med.dtype).mean(dim=0), {"selected": selected}
 
 
 def subset_complements(n: int, f: int, device: torch.device | str | None = None) -> torch.Tensor:
