@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The project's two commands, for a fresh clone with nothing but Python 3.10+.
 
-    python tasks.py test   # set up .venv, build the site, run the unit tests, every chapter
-                           # under nbval, and a headless-Chromium check of every page; then
-                           # one chapter again on another base seed (a daily rotation)
-    python tasks.py book   # set up .venv, execute every chapter and build the site
+    python tasks.py test   # set up .venv; the unit tests and every chapter under nbval (two
+                           # lanes on two cores); the site built from what nbval executed; a
+                           # headless-Chromium check of every page; one chapter on another
+                           # base seed (a daily rotation)
+    python tasks.py book   # set up .venv, execute every chapter (two at a time) and build the site
 
 Both create (or reuse) the virtual environment ``.venv`` and install the
 package with its extras. The torch requirement is pinned to the CPU build
@@ -42,6 +43,8 @@ TORCH = os.environ.get("ROBUSTFL_TORCH", "torch==2.13.0")
 EXTRAS = "book,dev,flower"
 SEED_VARIABLE = "ROBUSTFL_SEED"
 ROTATE_VARIABLE = "ROBUSTFL_ROTATE"
+# Chapters executed side by side by `tasks.py book` (each pins PyTorch to one thread).
+BOOK_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
 def sh(*cmd: str | Path, **kw) -> None:
@@ -143,17 +146,6 @@ def build_book(args: list[str]) -> int:
     return rc
 
 
-def start_book_build(log: Path) -> tuple[subprocess.Popen, float]:
-    """The book build in the background, its output to ``log`` (so that it does not interleave
-    with the tests' output)."""
-    cmd = _book_command([])
-    print("+", " ".join(cmd), f"> {log}  (in the background, beside the tests)", flush=True)
-    handle = log.open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=default_seed_env(), stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
-    return proc, time.perf_counter()
-
-
 def run_rotated(chapter: Path, seed: int, tmp: Path, log: Path | None = None) -> int:
     """One chapter under nbval with ROBUSTFL_SEED=seed (output to ``log`` if given); its exit code."""
     how = (f"ROBUSTFL_ROTATE={chapter.name[:2]}:{seed} python tasks.py test, or alone: "
@@ -176,54 +168,96 @@ def run_rotated(chapter: Path, seed: int, tmp: Path, log: Path | None = None) ->
 
 
 def test(args: list[str]) -> int:
-    """Unit tests, every chapter under nbval, and a browser check of the freshly built site;
-    then one chapter on a rotating base seed (see the module docstring).
+    """Unit tests, every chapter under nbval, the book built from what nbval executed, a
+    browser check of the site, and one chapter on a rotating base seed (module docstring).
 
-    Every chapter pins PyTorch to one thread, so the two cores hold two lanes: the unit tests
-    and nbval (which executes every chapter) in one, in the foreground; in the other the book
-    build (which executes them again), then the browser check of the site it built, then the
-    rotated chapter. The second lane's output goes to logs under book/_build/, printed at the end."""
+    Every chapter pins PyTorch to one thread, so the two cores hold two lanes: one runs the
+    unit tests, and both take chapters from one queue (largest first), each chapter in a
+    pytest process of its own. ``tests/nbval_outputs.py`` keeps each passing chapter's
+    outputs; ``book/execute.py --from`` puts them in jupyter-book's cache, so the book build
+    renders them instead of executing every chapter a second time (a chapter that failed
+    under nbval is executed by the build and fails it too). Then the browser check and the
+    rotated chapter run side by side."""
     rotated = rotation(chapter_sources())  # a bad ROBUSTFL_ROTATE fails before the long runs
     setup()
     ensure_chromium()
     build = ROOT / "book" / "_build"
     build.mkdir(parents=True, exist_ok=True)
-    log = build / "build.log"
     env = dict(default_seed_env(), ROBUSTFL_REQUIRE_SITE="1" if os.environ.get("CI") else "0")
     pytest = [PY, "-m", "pytest", "-p", "no:cacheprovider"]
-    with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp:
-        nbs = notebooks_to_ipynb(Path(tmp))
-        lane: dict[str, int] = {}
-
-        def second_lane() -> None:
-            book_proc, book_started = start_book_build(log)
-            lane["book"] = book_proc.wait()
-            lane["book_seconds"] = round(time.perf_counter() - book_started)
-            site_cmd = [*pytest, "tests/test_site.py", *args]
-            lane["site"] = _logged(site_cmd, build / "site.log", env)
-            lane["rotated"] = run_rotated(*rotated, Path(tmp), build / "rotated.log") if rotated else 0
-
-        worker = threading.Thread(target=second_lane, name="book-site-rotation")
-        worker.start()
-        cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *nbs, "--nbval-lax", "--nbval-current-env",
-               "--nbval-cell-timeout=900", *args]
-        print("+", " ".join(map(str, cmd)), flush=True)
+    with tempfile.TemporaryDirectory(prefix="robustfl-nb-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "nb").mkdir()
+        (tmp / "logs").mkdir()
+        nbs = notebooks_to_ipynb(tmp / "nb")
+        executed = tmp / "executed"
+        nb_env = dict(env, ROBUSTFL_NBVAL_OUTPUTS=str(executed),
+                      PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "tests"), env.get("PYTHONPATH", "")) if p))
+        queue = sorted(nbs, key=lambda nb: -nb.stat().st_size)  # the longest chapters first balance the lanes
+        lock = threading.Lock()
+        chapter_rc: dict[str, tuple[int, float]] = {}
         started = time.perf_counter()
-        rc_tests = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
-        print(f"[tasks.py] unit tests and nbval took {time.perf_counter() - started:.0f} s (exit code {rc_tests}); "
-              "waiting for the book build, the browser check and the rotated chapter", flush=True)
-        worker.join()
-    rc_book = lane.get("book", 1)
-    print(f"[tasks.py] the book build took {lane.get('book_seconds', '?')} s (exit code {rc_book}); its log: {log}",
-          flush=True)
-    text = log.read_text(errors="replace").splitlines() if log.exists() else ["(no log)"]
-    print("\n".join(f"  [book] {line}" for line in (text if rc_book != 0 else text[-15:])), flush=True)
+
+        def unit_tests() -> int:
+            cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *args]
+            print("+", " ".join(map(str, cmd)), flush=True)
+            rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+            print(f"[tasks.py] unit tests: exit code {rc} after {time.perf_counter() - started:.0f} s", flush=True)
+            return rc
+
+        def lane(first=None) -> None:
+            if first is not None:
+                chapter_rc["unit tests"] = (first(), 0.0)
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    nb = queue.pop(0)
+                cmd = [*pytest, "-p", "nbval_outputs", nb, "--nbval-lax", "--nbval-current-env",
+                       "--nbval-cell-timeout=900", *args]
+                t0 = time.perf_counter()
+                rc = _logged(cmd, tmp / "logs" / f"{nb.stem}.log", nb_env)
+                chapter_rc[nb.stem] = (rc, time.perf_counter() - t0)
+                print(f"[tasks.py] nbval {nb.stem}: {'ok' if rc == 0 else 'FAILED'} in "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        print(f"[tasks.py] {len(nbs)} chapters under nbval, two at a time, beside the unit tests "
+              f"(logs: {tmp / 'logs'})", flush=True)
+        second = threading.Thread(target=lane, name="lane-2")
+        second.start()
+        lane(first=unit_tests)
+        second.join()
+        rc_unit = chapter_rc.pop("unit tests")[0]
+        failed = sorted(name for name, (rc, _) in chapter_rc.items() if rc != 0)
+        for name in failed:
+            print(f"[tasks.py] nbval log of {name}:", flush=True)
+            print((tmp / "logs" / f"{name}.log").read_text(errors="replace"), flush=True)
+        print(f"[tasks.py] unit tests and nbval took {time.perf_counter() - started:.0f} s; chapters failed: "
+              f"{', '.join(failed) or 'none'}", flush=True)
+        rc_tests = rc_unit or (1 if failed or len(chapter_rc) != len(nbs) else 0)
+
+        subprocess.run([str(PY), str(ROOT / "book" / "execute.py"), "--from", str(executed)], cwd=ROOT, env=env)
+        log = build / "build.log"
+        cmd = _book_command([])
+        print("+", " ".join(cmd), f"> {log}", flush=True)
+        t0 = time.perf_counter()
+        rc_book = _logged(cmd, log, default_seed_env())
+        text = log.read_text(errors="replace").splitlines()
+        print(f"[tasks.py] the book build took {time.perf_counter() - t0:.0f} s (exit code {rc_book})", flush=True)
+        print("\n".join(f"  [book] {line}" for line in (text if rc_book != 0 else text[-15:])), flush=True)
+
+        last: dict[str, int] = {}
+        site = threading.Thread(target=lambda: last.update(
+            site=_logged([*pytest, "tests/test_site.py", *args], build / "site.log", env)))
+        site.start()
+        last["rotated"] = run_rotated(*rotated, tmp, build / "rotated.log") if rotated else 0
+        site.join()
     for name in ("site", "rotated"):
         part = build / f"{name}.log"
         if part.exists():
             print(f"[tasks.py] {name} log ({part}):", flush=True)
             print(part.read_text(errors="replace"), flush=True)
-    rc_site, rc_rotated = lane.get("site", 1), lane.get("rotated", 1)
+    rc_site, rc_rotated = last.get("site", 1), last.get("rotated", 1)
     if rc_book != 0:
         print("FAILED: the book build (jupyter-book build book -W -n) failed; see its errors above", flush=True)
     if rc_site != 0:
@@ -242,6 +276,9 @@ def _logged(cmd: list, log: Path, env: dict[str, str]) -> int:
 
 def book(args: list[str]) -> int:
     setup()
+    # jupyter-book executes chapters one after another; two at a time use both cores.
+    subprocess.run([str(PY), str(ROOT / "book" / "execute.py"), "--jobs", str(BOOK_JOBS)], cwd=ROOT,
+                   env=default_seed_env())
     rc = build_book(args)
     if rc == 0:
         print(f"\nThe site is at {ROOT / 'book' / '_build' / 'html' / 'index.html'} (open it in a browser).")
