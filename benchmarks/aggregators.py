@@ -20,12 +20,21 @@ fresh subprocess after the input exists; ``tracemalloc`` does not see torch's al
 Goals: Krum and Multi-Krum >= 5x the loop at n=50, d=1e6 (issue 4); Krum, exact distances
 included, within 1.5x of one ``X @ X.T`` (issue 12); median and trimmed mean no slower than the
 sort reference.
+
+Issue 14's rules (``--rules issue14`` runs only them) at n=50, d=1e6: Meamed, MDA, MoNNA, CAF, SMEA,
+Bucketing and ARC, each printed beside three baselines timed in the same interleaved loop (the mean,
+one ``X @ X.T``, one scaled copy ``2 * X``: a pass that writes ``(n, d)``), and beside ByzFL's
+version of the rule when ``byzfl`` is installed. MDA and
+SMEA search all C(n, f) subsets, so they run at f = 3 (19,600 subsets), the others at f = n / 5.
+Goal: Bucketing and ARC cost at most one extra pass over the updates: a read (the norms, the
+bucket sums) plus at most one written copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -161,6 +170,92 @@ def bench(n: int, d: int, repeats: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- issue 14's rules
+
+F_SUBSET = 3  # MDA and SMEA search C(n, f) subsets: C(50, 3) = 19,600
+
+
+def issue14_rules(n: int, d: int, f: int) -> dict[str, tuple[Callable, Callable | None, str]]:
+    """name -> (ours, ByzFL's rule or None, its name): ByzFL's only when ``byzfl`` is installed."""
+    try:
+        import byzfl  # noqa: F401
+    except ImportError:
+        byzfl = None
+
+    def theirs(make):
+        if byzfl is None:
+            return None
+        rule = make(byzfl)
+        return lambda x: rule(x.clone())
+
+    ref = "byzfl" if byzfl is not None else "(byzfl not installed)"
+    # ByzFL's SMEA runs a Python loop over the C(n, f) subsets, each copying its (n - f, d) rows
+    # and taking a power step in dimension d: 19,600 such steps at n=50, d=1e6, far over an hour.
+    smea_theirs = theirs(lambda b: b.SMEA(f=F_SUBSET)) if math.comb(n, F_SUBSET) * d <= 10**8 else None
+    smea_ref = ref if smea_theirs is not None or byzfl is None else "byzfl: not timed (C(n, f) x d > 1e8)"
+
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "mean (baseline)": (rfl.Mean(), None, ""),
+        "one X @ X.T (baseline)": (gram_product, None, ""),
+        # What one pass that writes an (n, d) result costs (fresh memory's page faults included):
+        # the yardstick for pre-aggregation, which must return new rows.
+        "one scaled copy 2 * X (baseline)": (lambda x: x * 2.0, None, ""),
+        f"meamed (f={f})": (rfl.Meamed(f), theirs(lambda b: b.Meamed(f=f)), ref),
+        f"mda (f={F_SUBSET})": (rfl.MDA(F_SUBSET), theirs(lambda b: b.MDA(f=F_SUBSET)), ref),
+        f"monna (f={f})": (rfl.MoNNA(f), theirs(lambda b: b.MoNNA(f=f)), ref),
+        f"caf (f={f})": (rfl.CAF(f), theirs(lambda b: b.CAF(f=f)), ref),
+        f"smea (f={F_SUBSET})": (rfl.SMEA(F_SUBSET), smea_theirs, smea_ref),
+        "bucketing s=2 (pre-aggregation)": (rfl.Bucketing(2, generator=gen), theirs(lambda b: b.Bucketing(s=2)), ref),
+        f"arc (f={f}, pre-aggregation)": (rfl.ARC(f), theirs(lambda b: b.ARC(f=f)), ref),
+        "bucketing+centered_clipping": (rfl.get_aggregator("bucketing+centered_clipping", f=f), None, ""),
+        f"arc+nnm+trimmed_mean (f={f})": (rfl.get_aggregator("arc+nnm+trimmed_mean", f=f), None, ""),
+    }
+
+
+def bench_issue14(n: int, d: int, repeats: int, seed: int = 0) -> list[dict]:
+    f = n // 5
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    x[:f] += 0.5
+    table = issue14_rules(n, d, f)
+    for ours, ref, _ in table.values():  # warm-up
+        ours(x)
+        if ref is not None:
+            ref(x)
+    times: dict[str, list[float]] = {k: [] for k in table}
+    ref_times: dict[str, list[float]] = {k: [] for k, v in table.items() if v[1] is not None}
+    for _ in range(repeats):
+        for name, (ours, ref, _) in table.items():
+            times[name].append(_time(ours, x))
+            if ref is not None:
+                ref_times[name].append(_time(ref, x))
+    mean_s = float(np.median(times["mean (baseline)"]))
+    gram_s = float(np.median(times["one X @ X.T (baseline)"]))
+    copy_s = float(np.median(times["one scaled copy 2 * X (baseline)"]))
+    rows = []
+    for name, (_, ref, ref_name) in table.items():
+        sec = float(np.median(times[name]))
+        row = {"n": n, "d": d, "rule": name, "seconds": sec, "x_mean": sec / mean_s, "x_gram": sec / gram_s,
+               "x_copy": sec / copy_s}
+        if ref is not None:
+            row.update(reference=ref_name, reference_seconds=float(np.median(ref_times[name])))
+            row["speedup"] = row["reference_seconds"] / sec
+        elif ref_name:
+            row["note"] = ref_name
+        rows.append(row)
+    return rows
+
+
+def print_issue14(rows: list[dict]) -> None:
+    print("| n | d | rule | seconds | / mean | / X @ X.T | / copy | ByzFL seconds | speed-up vs ByzFL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = f"{r['reference_seconds']:.3f} | {r['speedup']:.1f}x" if "reference" in r else f"{r.get('note', '')} | "
+        print(f"| {r['n']} | {r['d']:,} | {r['rule']} | {r['seconds']:.3f} | {r['x_mean']:.2f} | {r['x_gram']:.2f} | "
+              f"{r['x_copy']:.2f} | {ref} |")
+    print()
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -204,6 +299,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared CPU)")
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--rules", choices=("all", "issue14"), default="all",
+                        help="issue14: only issue 14's rules with their baselines, at the first setting")
     parser.add_argument("--nnm-peak", default=None, help=argparse.SUPPRESS)  # n,d: the memory subprocess
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,6 +318,12 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} thread(s), float32, "
           f"median of {repeats} calls; {os.cpu_count()} CPUs, load average {load:.1f} at start\n")
+    rows14 = bench_issue14(*settings[0], repeats)
+    if args.rules == "issue14":
+        print_issue14(rows14)
+        if args.json:
+            args.json.write_text(json.dumps({"issue14": rows14}, indent=1))
+        return
     rows = []
     for n, d in settings:
         rows += bench(n, d, repeats)
@@ -250,8 +353,10 @@ def main() -> None:
             ok = r["seconds"] <= r["reference_seconds"]
             print(f"  {r['rule']} at n={r['n']}: {r['seconds']:.3f} s vs torch.sort {r['reference_seconds']:.3f} s: "
                   f"{'met' if ok else 'NOT met'}")
+    print(f"\nIssue 14's rules at n={settings[0][0]}, d={settings[0][1]:,}:")
+    print_issue14(rows14)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "nnm_memory": mem}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "nnm_memory": mem, "issue14": rows14}, indent=1))
 
 
 if __name__ == "__main__":

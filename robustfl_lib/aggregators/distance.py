@@ -216,14 +216,15 @@ def subset_complements(n: int, f: int, device: torch.device | str | None = None)
 
 class MDA(RobustAggregator):
     r"""Minimum-diameter averaging (El Mhamdi, Guerraoui, Guirguis, Hoang & Rouault 2020,
-    "Genuinely Distributed Byzantine Machine Learning", PODC; Rousseeuw's MVE idea for averaging).
+    "Genuinely Distributed Byzantine Machine Learning", PODC).
 
     .. math:: \mathrm{MDA}_f(x) = \frac{1}{n-f}\sum_{i\in S^\star} x_i,\qquad
         S^\star \in \arg\min_{|S| = n - f}\ \max_{i, j \in S} \|x_i - x_j\|,
 
     the mean of the :math:`n - f` updates of smallest diameter. Requires :math:`n > 2f`: then
-    :math:`S^\star` holds a majority of honest rows and every Byzantine row in it lies within the
-    honest diameter of them, so it moves the mean by at most :math:`f/(n-f)` times that diameter.
+    :math:`S^\star` holds a majority of honest rows, and since the :math:`n - f` honest rows form
+    a candidate, its diameter is at most theirs: each Byzantine row kept lies that close to every
+    honest row kept.
 
     **Bounded search.** Finding :math:`S^\star` is combinatorial (a max-clique problem in general);
     this searches all :math:`\binom{n}{f}` sets of removed rows exactly, and more than
