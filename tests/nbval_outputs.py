@@ -8,6 +8,9 @@ the very run that the tests passed on. Without the variable the plugin does noth
 
 nbval merges every stream of a cell into one output, moving a ``print`` after a table
 above it; for the page the order matters, so here only *adjacent* streams are merged.
+nbval runs cells outside IPython's history, so a trailing ``;`` does not silence a cell's
+result there (IPython looks for it in the history); here a cell's ``execute_result`` is
+dropped when its source ends in ``;``, with IPython's own test, as a notebook would show it.
 nbval compares outputs only in cells marked ``NBVAL_CHECK_OUTPUT``; no chapter has one.
 """
 
@@ -38,6 +41,15 @@ def _adjacent_only(original):
     return coalesce
 
 
+def _silenced(source: str) -> bool:
+    from IPython.core.displayhook import DisplayHook
+
+    try:
+        return bool(DisplayHook.semicolon_at_end_of_expression(source))
+    except Exception:  # a cell IPython's tokenizer cannot read (magics): keep its outputs
+        return False
+
+
 class _Keeper:
     def __init__(self, dest: Path):
         self.dest = dest
@@ -56,7 +68,10 @@ class _Keeper:
         if report.failed:
             self.failed.add(parent.nodeid)
         elif call.when == "call":
-            item.cell.outputs = list(item.test_outputs or [])
+            outputs = list(item.test_outputs or [])
+            if _silenced(item.cell.source):
+                outputs = [out for out in outputs if out.get("output_type") != "execute_result"]
+            item.cell.outputs = outputs
             self.ran[parent.nodeid] = self.ran.get(parent.nodeid, 0) + 1
 
     def pytest_sessionfinish(self, session):
