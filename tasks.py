@@ -265,15 +265,14 @@ def test(args: list[str]) -> int:
     return rc_tests or rc_book or rc_rotated or rc_site
 
 
-# Seconds each chapter took under nbval in a fresh-clone test run (2 cores, 2026-12-02). Only
-# the order of the queue depends on them: a long chapter left to the end keeps one lane busy
-# while the other idles. A chapter not listed is placed by its source's size.
-CHAPTER_SECONDS = {"00": 39, "01": 63, "02": 95, "03": 42, "04": 49, "05": 51, "06": 94, "07": 66, "08": 84,
-                   "09": 155, "10": 46, "11": 77, "12": 108, "13": 58, "14": 267}
-
-
 def _expected_seconds(notebook: Path) -> float:
-    return CHAPTER_SECONDS.get(notebook.name[:2], notebook.stat().st_size / 400)
+    """A chapter's expected nbval time: book/execute.py's measured table (the queue's order only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robustfl_book_execute", ROOT / "book" / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # standard library only at import time
+    return module.expected_seconds(notebook)
 
 
 def _logged(cmd: list, log: Path, env: dict[str, str]) -> int:

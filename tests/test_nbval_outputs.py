@@ -99,3 +99,23 @@ def test_kept_notebooks_are_what_the_book_build_finds_in_its_cache(tmp_path, mon
     edited = read_myst_markdown_notebook(source.read_text())
     edited.cells[-1].source = "6 * 8"
     assert not execute._cached(cache, edited)  # a changed chapter is executed again
+
+
+def test_the_book_command_executes_uncached_chapters_into_the_cache(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("book_execute_for_test", REPO / "book" / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "book_execute_for_test", execute)  # the worker processes find it by name
+    spec.loader.exec_module(execute)
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    good, bad = tmp_path / "90_good.md", tmp_path / "91_bad.md"
+    good.write_text(SOURCE % "6 * 7")
+    bad.write_text(SOURCE % "assert False, 'a claim fails'")
+    monkeypatch.setattr(execute, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(execute, "chapters", lambda: [good, bad])
+    assert execute.execute(jobs=2) == 1  # one chapter failed: reported, not cached
+    cache = execute._cache()
+    assert execute._cached(cache, read_myst_markdown_notebook(good.read_text()))
+    assert not execute._cached(cache, read_myst_markdown_notebook(bad.read_text()))
+    _, merged = cache.merge_match_into_notebook(read_myst_markdown_notebook(good.read_text()))
+    assert [c for c in merged.cells if c.cell_type == "code"][-1].outputs[0]["data"]["text/plain"] == "42"
