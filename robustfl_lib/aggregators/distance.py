@@ -214,7 +214,30 @@ def subset_complements(n: int, f: int, device: torch.device | str | None = None)
     return keep.nonzero()[:, 1].reshape(len(removed), n - f)
 
 
-class MDA(RobustAggregator):
+class SubsetSearch(RobustAggregator):
+    """Rules that search every set of ``f`` rows to remove (MDA, SMEA): ``n > 2f``, and at most
+    ``max_subsets`` sets, so that a combinatorial search fails fast with a ValueError instead of
+    running for hours."""
+
+    def __init__(self, f: int, max_subsets: int = 100_000):
+        self.f = check_f(f)
+        if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) or max_subsets < 1:
+            raise ValueError(f"max_subsets must be an integer >= 1, got {max_subsets!r}")
+        self.max_subsets = max_subsets
+
+    def requirement(self, n: int, f: int) -> None:
+        name = type(self).__name__
+        if not 2 * f < n:
+            raise ValueError(f"{name}(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
+        count = math.comb(n, f)
+        if count > self.max_subsets:
+            raise ValueError(
+                f"{name}(f={f}) on n={n} updates searches C(n, f) = {count} subsets, more than "
+                f"max_subsets={self.max_subsets}; lower f or raise max_subsets (the search is combinatorial)"
+            )
+
+
+class MDA(SubsetSearch):
     r"""Minimum-diameter averaging (El Mhamdi, Guerraoui, Guirguis, Hoang & Rouault 2020,
     "Genuinely Distributed Byzantine Machine Learning", PODC).
 
@@ -236,22 +259,6 @@ class MDA(RobustAggregator):
     ``last_info["selected"]``: the kept rows; ``["weights"]``; ``["diameter"]``; ``["subsets"]``.
     Taught in chapter: (to come, issue 14).
     """
-
-    def __init__(self, f: int, max_subsets: int = 100_000):
-        self.f = check_f(f)
-        if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) or max_subsets < 1:
-            raise ValueError(f"max_subsets must be an integer >= 1, got {max_subsets!r}")
-        self.max_subsets = max_subsets
-
-    def requirement(self, n: int, f: int) -> None:
-        if not 2 * f < n:
-            raise ValueError(f"MDA(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
-        count = math.comb(n, f)
-        if count > self.max_subsets:
-            raise ValueError(
-                f"MDA(f={f}) on n={n} updates searches C(n, f) = {count} subsets, more than "
-                f"max_subsets={self.max_subsets}; lower f or raise max_subsets (the search is combinatorial)"
-            )
 
     def aggregate_finite(self, updates, weights, dropped):
         n = updates.shape[0]

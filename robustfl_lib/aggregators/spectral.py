@@ -17,7 +17,7 @@ import torch
 
 from ..robust_stats import compute_dtype, pairwise_sq_distances
 from .base import RobustAggregator
-from .distance import subset_complements
+from .distance import SubsetSearch, subset_complements
 from .iterative import _finite_component
 from .preaggregation import check_f
 
@@ -46,7 +46,7 @@ def _mean_weights(n: int, rows: torch.Tensor | None, device) -> torch.Tensor:
     return w.index_fill_(0, rows, 1.0 / len(rows))
 
 
-class SMEA(RobustAggregator):
+class SMEA(SubsetSearch):
     r"""Smallest maximum eigenvalue averaging (Allouah, Guerraoui, Gupta, Pinot & Stephan 2023,
     "On the Privacy-Robustness-Utility Trilemma in Distributed Learning", ICML).
 
@@ -71,22 +71,6 @@ class SMEA(RobustAggregator):
     ``["eigenvalue"]``: the smallest :math:`\lambda_{\max}`; ``["subsets"]``: how many were searched.
     Taught in chapter: (to come, issue 14).
     """
-
-    def __init__(self, f: int, max_subsets: int = 100_000):
-        self.f = check_f(f)
-        if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) or max_subsets < 1:
-            raise ValueError(f"max_subsets must be an integer >= 1, got {max_subsets!r}")
-        self.max_subsets = max_subsets
-
-    def requirement(self, n: int, f: int) -> None:
-        if not 2 * f < n:
-            raise ValueError(f"{type(self).__name__}(f={f}) needs n > 2f = {2 * f} updates, got n={n}")
-        count = math.comb(n, f)
-        if count > self.max_subsets:
-            raise ValueError(
-                f"{type(self).__name__}(f={f}) on n={n} updates searches C(n, f) = {count} subsets, more than "
-                f"max_subsets={self.max_subsets}; lower f or raise max_subsets (the search is combinatorial)"
-            )
 
     def aggregate_finite(self, updates, weights, dropped):
         n = updates.shape[0]
