@@ -53,17 +53,17 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from .aggregators import Aggregator, get_aggregator
-from .attacks import PGD
-from .byzantine import ByzantineAttack, DataPoisoning, get_attack
-from .checkpoint import (describe, global_rng_state, isolated_copy, load_checkpoint, load_object_state, object_state,
+from ..aggregators import Aggregator, get_aggregator
+from ..attacks import PGD
+from ..byzantine import ByzantineAttack, DataPoisoning, get_attack
+from ..checkpoint import (describe, global_rng_state, isolated_copy, load_checkpoint, load_object_state, object_state,
                          reset_objects, save_checkpoint, set_global_rng_state)
-from .data import Dataset, load_dataset, partition
-from .models import build_model
-from .params import flatten_state, load_vector_
-from .runtime import get_device, make_generator, set_seed
-from .training import adversarial_train, evaluate, train
-from .vectorized import StackedModel, train_stacked
+from ..data import Dataset, load_dataset, partition
+from ..models import build_model
+from ..params import flatten_state, load_vector_
+from ..runtime import get_device, make_generator, set_seed
+from ..training import adversarial_train, evaluate, train
+from ..vectorized import StackedModel, train_stacked
 
 __all__ = [
     "FLConfig",
