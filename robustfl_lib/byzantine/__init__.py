@@ -32,7 +32,7 @@ from statistics import NormalDist
 
 import torch
 
-from .robust_stats import check_updates, compute_dtype
+from ..robust_stats import check_updates, compute_dtype
 
 __all__ = [
     "ByzantineAttack",
@@ -515,7 +515,7 @@ class AdaptiveScaling(ByzantineAttack):
         if direction not in ("sign", "mean", "std"):
             raise ValueError(f"direction must be 'sign', 'mean' or 'std', got {direction!r}")
         if isinstance(aggregator, str):
-            from .aggregators import get_aggregator  # late import: aggregators is the defender's module
+            from ..aggregators import get_aggregator  # late import: aggregators is the defender's module
 
             if f is None:
                 raise ValueError("an aggregator given by name needs the f it is configured with")
