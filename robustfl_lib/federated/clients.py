@@ -1,0 +1,237 @@
+"""The clients' side of a round: local training and the update each client returns.
+
+A client trains a copy of the global model on its own data (plain SGD or adversarial
+training, :func:`sgd_client_update`, :func:`adversarial_client_update`, or a custom
+:class:`ClientUpdate`) and returns its update, a delta ``w_i - w``
+(:func:`compute_client_updates`). With ``vectorized=True`` all clients of a round (and in
+:func:`~robustfl_lib.federated.run_grid`, of many runs) train in one batched computation
+(:func:`robustfl_lib.vectorized.train_stacked`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import PGD
+from ..byzantine import DataPoisoning
+from ..data import Dataset
+from ..params import flatten_state
+from ..runtime import make_generator
+from ..training import adversarial_train, train
+from ..vectorized import StackedModel, train_stacked
+from .config import FLConfig
+
+__all__ = ["ClientUpdate", "sgd_client_update", "adversarial_client_update", "compute_client_updates"]
+
+
+class ClientUpdate(Protocol):
+    """Trains ``model`` (a copy of the global model) in place on one client's data."""
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+    ) -> None: ...
+
+
+def sgd_client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+) -> None:
+    """Local SGD for ``config.local_epochs`` epochs (the FedAvg client)."""
+    train(model, x, y, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, generator=generator)
+
+
+def adversarial_client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+) -> None:
+    """Local adversarial training: ``config.local_epochs`` epochs of PGD training
+    (``config.adv_*``) mixing clean and adversarial loss with weight ``config.adv_mix``."""
+    # PGD's random starts get their own stream, so the client's minibatch order is that of plain SGD.
+    attack = config.local_attack(generator=make_generator(generator.initial_seed() ^ 0x5DEECE66D))
+    adversarial_train(model, x, y, attack, epochs=config.local_epochs, mix=config.adv_mix, lr=config.lr,
+                      batch_size=config.batch_size, generator=generator)
+
+
+@dataclass(frozen=True)
+class _BlockStartPGD(PGD):
+    """PGD whose random start draws consecutive blocks of rows from their own generators.
+
+    In :func:`run_grid` the stacked batch holds several simulations' clients, client-major;
+    block ``s`` (``clients[s]`` clients' rows) gets its start from ``generators[s]``, exactly
+    the draw that simulation makes when it runs alone."""
+
+    clients: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    generators: tuple[torch.Generator, ...] = field(default=(), compare=False, repr=False)
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        total = sum(self.clients)
+        if total == 0 or x.shape[0] % total:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split among {total} clients")
+        per = x.shape[0] // total
+        blocks = x.split([k * per for k in self.clients])
+        return torch.cat([super(_BlockStartPGD, self)._start(b, g) for b, g in zip(blocks, self.generators)])
+
+
+def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator,
+                             blocks: list[tuple[int, torch.Generator]] | None = None):
+    """Per-sample loss of local adversarial training for :func:`train_stacked` (the vectorized path).
+
+    ``blocks``: ``(clients, generator)`` per simulation sharing the batch, each simulation's
+    PGD random starts drawn from its own generator (``generator`` is then unused)."""
+    if blocks is not None:
+        blocks = [(k, g) for k, g in blocks if k > 0]  # a simulation that trains no client this round draws nothing
+    if blocks is not None and len(blocks) > 1:
+        base = config.local_attack()
+        attack = _BlockStartPGD(**{f.name: getattr(base, f.name) for f in fields(base)},
+                                clients=tuple(k for k, _ in blocks), generators=tuple(g for _, g in blocks))
+    else:
+        attack = config.local_attack(generator=generator if blocks is None else blocks[0][1])
+    mix = config.adv_mix
+
+    def loss(model: StackedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if mix == 0.0:
+            return F.cross_entropy(model(x), y, reduction="none")
+        x_adv = attack(model.detached(), x, y)
+        if mix == 1.0:
+            return F.cross_entropy(model(x_adv), y, reduction="none")
+        # Clean and adversarial inputs in one pass, as adversarial_train does; the stacked model needs
+        # each client's rows together, so the two halves are joined per client.
+        k = model.num_models
+        both = torch.cat([x.reshape(k, -1, *x.shape[1:]), x_adv.reshape(k, -1, *x.shape[1:])], dim=1)
+        yy = torch.cat([y.reshape(k, -1), y.reshape(k, -1)], dim=1)
+        losses = F.cross_entropy(model(both.reshape(-1, *x.shape[1:])), yy.reshape(-1), reduction="none")
+        clean, adv = losses.reshape(k, 2, -1).unbind(dim=1)
+        return ((1.0 - mix) * clean + mix * adv).reshape(-1)
+
+    return loss
+
+
+def _client_generator(config: FLConfig, rnd: int, cid: int) -> torch.Generator:
+    return make_generator(config.seed * 100_003 + rnd * 1_009 + int(cid))
+
+
+def _pgd_start_generator(seed: int, rnd: int) -> torch.Generator:
+    """The stream of a round's PGD random starts in vectorized adversarial training."""
+    return make_generator(seed * 6_113 + rnd)
+
+
+def _client_data(
+    participants: np.ndarray,
+    rows: list[int],
+    data: Dataset,
+    parts: list[torch.Tensor],
+    config: FLConfig,
+    rnd: int,
+    device: torch.device,
+    poison: DataPoisoning | None,
+    poisoned_mask: np.ndarray | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Generator]]:
+    """Each training participant's (possibly poisoned) data and its seeded generator."""
+    xs, ys, gens = [], [], []
+    for row in rows:
+        idx = parts[participants[row]]
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
+            x, y = poison.poison(x, y, data.num_classes)
+        xs.append(x)
+        ys.append(y)
+        gens.append(_client_generator(config, rnd, participants[row]))
+    return xs, ys, gens
+
+
+def _train_clients(
+    model: nn.Module,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    gens: list[torch.Generator],
+    config: FLConfig,
+    rnd: int,
+    client_update: ClientUpdate | None,
+    starts: torch.Tensor | None = None,
+    blocks: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Local training of every client: ``(len(xs), d)`` trained flat weights.
+
+    Batched across clients (:func:`robustfl_lib.vectorized.train_stacked`) when
+    no custom ``client_update`` is given, ``config.vectorized`` is set and the
+    model has no buffers; else client by client. ``starts`` gives each client its
+    own starting weights (several simulations sharing one batched call);
+    ``blocks`` lists those simulations as ``(clients, seed)`` in row order, so that
+    each draws its PGD random starts from its own stream."""
+    if client_update is None and config.vectorized and _stackable(model):
+        sample_loss = None
+        if config.local_training == "adversarial":
+            pgd_blocks = None if blocks is None else [(k, _pgd_start_generator(seed, rnd)) for k, seed in blocks]
+            sample_loss = _adversarial_sample_loss(config, _pgd_start_generator(config.seed, rnd), pgd_blocks)
+        return train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size,
+                             generators=gens, sample_loss=sample_loss, starts=starts)
+    if starts is not None:
+        raise ValueError("separate starting weights need the vectorized path (no client_update, vectorized=True)")
+    if client_update is None:
+        client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
+    out = []
+    for x, y, gen in zip(xs, ys, gens):
+        local = copy.deepcopy(model)
+        client_update(local, x, y, config, gen)
+        out.append(flatten_state(local.state_dict()))
+    return torch.stack(out)
+
+
+def _boost(updates: torch.Tensor, rows: list[int], poison: DataPoisoning | None, poisoned_mask: np.ndarray | None) -> None:
+    """Model-replacement boosting of backdoor clients' own updates (Bagdasaryan et al. 2020), in place.
+
+    A poisoning with a ``rescale(own, honest)`` method (an adaptive backdoor,
+    :class:`robustfl_lib.backdoor.ConstrainAndScale`) sizes its rows against
+    this round's honest updates instead of multiplying them by ``boost``."""
+    if poison is not None and poisoned_mask is not None and hasattr(poison, "boost"):
+        boosted = [r for r in rows if poisoned_mask[r]]
+        if hasattr(poison, "rescale"):
+            honest = [r for r in rows if not poisoned_mask[r]]
+            updates[boosted] = poison.rescale(updates[boosted], updates[honest]).to(updates.dtype)
+        else:
+            updates[boosted] = updates[boosted] * poison.boost
+
+
+def compute_client_updates(
+    model: nn.Module,
+    participants: np.ndarray,
+    train_mask: np.ndarray,
+    data: Dataset,
+    parts: list[torch.Tensor],
+    config: FLConfig,
+    rnd: int,
+    client_update: ClientUpdate | None = None,
+    poison: DataPoisoning | None = None,
+    poisoned_mask: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a copy of ``model`` for each participant with ``train_mask`` set and
+    return ``(updates, sample_counts)``: deltas ``(k, d)`` (rows of untrained
+    participants are zero, to be replaced by the attack) and ``(k,)`` counts.
+    Participants with ``poisoned_mask`` set train on ``poison``-ed data (and a
+    poisoning with a ``boost`` factor scales their update by it).
+
+    ``client_update=None`` trains as ``config.local_training`` says, batched
+    across clients when ``config.vectorized`` (and the model has no buffers);
+    a custom ``client_update`` runs client by client."""
+    device = next(model.parameters()).device
+    global_vec = flatten_state(model.state_dict())
+    updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=device)
+    counts = torch.tensor([len(parts[c]) for c in participants], dtype=global_vec.dtype, device=device)
+    rows = [r for r in range(len(participants)) if train_mask[r]]
+    if rows:
+        xs, ys, gens = _client_data(participants, rows, data, parts, config, rnd, device, poison, poisoned_mask)
+        updates[rows] = _train_clients(model, xs, ys, gens, config, rnd, client_update).to(updates.dtype) - global_vec
+        _boost(updates, rows, poison, poisoned_mask)
+    return updates, counts
+
+
+def _stackable(model: nn.Module) -> bool:
+    state = model.state_dict()
+    return all(torch.is_floating_point(v) for v in state.values()) and len(state) == len(list(model.parameters()))
+
+

@@ -1,0 +1,150 @@
+"""The settings of one federated run (:class:`FLConfig`) and their description by value
+(:func:`config_dict`, which logs, CSV files and checkpoints use)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..aggregators import Aggregator
+from ..attacks import PGD
+from ..byzantine import ByzantineAttack, DataPoisoning
+from ..checkpoint import describe
+
+__all__ = ["FLConfig", "config_dict"]
+
+# Counting clients from a fraction: 0.2 * 10 must be 2 even though it is 2.0000000000000004.
+_EPS = 1e-9
+
+
+@dataclass
+class FLConfig:
+    """Settings of one federated run (all have defaults that run on digits in seconds).
+
+    Byzantine clients: ``byzantine_fraction`` of the ``num_clients`` clients
+    (rounded down) are Byzantine, the same ones all run (fixed by ``seed``);
+    ``byzantine_attack`` is a name from :data:`robustfl_lib.byzantine.ATTACKS`
+    (with ``attack_kwargs``) or an attack object. The aggregator tolerates
+    ``aggregator_f`` Byzantine clients; ``None`` derives it from the fraction:
+    ``floor(byzantine_fraction * clients per round)``.
+    """
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    partition: str = "iid"  #: "iid", "dirichlet" or "shards"
+    alpha: float = 0.5  #: Dirichlet concentration (smaller = more label skew)
+    num_clients: int = 10
+    clients_per_round: int | None = None  #: None: every client, every round
+    rounds: int = 20
+    local_epochs: int = 2
+    lr: float = 0.2
+    batch_size: int = 16
+    aggregator: str | Aggregator = "mean"
+    aggregator_f: int | None = None  #: None: derived from byzantine_fraction
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
+    byzantine_fraction: float = 0.0
+    byzantine_attack: str | ByzantineAttack | DataPoisoning | None = None
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    local_training: str = "standard"  #: "standard" or "adversarial" (PGD inside each local minibatch)
+    adv_eps: float = 0.1  #: local adversarial training: PGD budget
+    adv_steps: int = 5  #: ... PGD steps
+    adv_alpha: float | None = None  #: ... PGD step size (None: 2.5 * eps / steps)
+    adv_norm: str = "linf"  #: ... "linf" or "l2"
+    adv_mix: float = 0.5  #: ... weight of the adversarial loss (0.5: Tutorial 157's 50/50; 1.0: Madry et al.)
+    adv_random_start: bool = True
+    eval_eps: float | None = None  #: robust accuracy under PGD at this budget on the test split (None: skip)
+    eval_steps: int = 10  #: ... PGD steps of that evaluation
+    eval_every: int = 1  #: evaluate every k rounds (and always after the last)
+    dropout: float = 0.0  #: probability that a participant does not answer in a round
+    vectorized: bool = True  #: train a round's clients in one batched computation
+    checkpoint_every: int = 1  #: with a checkpoint_dir, save every k rounds (and after the last)
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def participants_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def num_byzantine(self) -> int:
+        """How many of the clients are Byzantine: ``floor(byzantine_fraction * num_clients)``."""
+        return int(math.floor(self.byzantine_fraction * self.num_clients + _EPS))
+
+    @property
+    def resolved_aggregator_f(self) -> int:
+        """``aggregator_f``, or ``floor(byzantine_fraction * participants_per_round)``."""
+        if self.aggregator_f is not None:
+            return self.aggregator_f
+        return int(math.floor(self.byzantine_fraction * self.participants_per_round + _EPS))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
+            raise ValueError(
+                f"clients_per_round must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}"
+            )
+        for name in ("rounds", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.byzantine_fraction < 1:
+            raise ValueError(f"byzantine_fraction must be in [0, 1), got {self.byzantine_fraction}")
+        if self.num_byzantine > 0 and self.byzantine_attack is None:
+            raise ValueError(
+                f"byzantine_fraction={self.byzantine_fraction} makes {self.num_byzantine} client(s) Byzantine "
+                "but byzantine_attack is None; name an attack (e.g. 'sign_flip')"
+            )
+        if self.aggregator_f is not None and (isinstance(self.aggregator_f, bool) or self.aggregator_f < 0):
+            raise ValueError(f"aggregator_f must be an integer >= 0 or None, got {self.aggregator_f!r}")
+        if self.local_training not in ("standard", "adversarial"):
+            raise ValueError(f"local_training must be 'standard' or 'adversarial', got {self.local_training!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.adv_mix <= 1:
+            raise ValueError(f"adv_mix must be in [0, 1], got {self.adv_mix}")
+        for name in ("eval_every", "checkpoint_every", "adv_steps", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_training == "adversarial":
+            self.local_attack()  # raises ValueError for a bad eps, steps or norm
+        if self.eval_eps is not None:
+            self.eval_attack()
+
+    def local_attack(self, generator: torch.Generator | None = None) -> PGD:
+        """The PGD attack of local adversarial training."""
+        return PGD(eps=self.adv_eps, alpha=self.adv_alpha, steps=self.adv_steps, norm=self.adv_norm,
+                   random_start=self.adv_random_start, generator=generator)
+
+    def eval_attack(self) -> PGD:
+        """The PGD attack that measures robust accuracy (same seed every round, so rounds compare)."""
+        return PGD(eps=self.eval_eps, steps=self.eval_steps, norm=self.adv_norm, seed=self.seed)
+
+
+def config_dict(config: FLConfig) -> dict[str, Any]:
+    """``config`` as a JSON-friendly dict, for logs, CSV files and checkpoints.
+
+    Names and numbers stay as they are; aggregator, attack and other objects are
+    described by value (:func:`robustfl_lib.checkpoint.describe`: class name and
+    public attributes, a generator by its device and initial seed), so two configs
+    with equal settings give equal dicts, in any process."""
+    return {f.name: describe(getattr(config, f.name)) for f in fields(config)}
+
+
+def _comparable(config: FLConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the checkpoint (all but rounds, progress, device,
+    checkpoint_every), by value: nested descriptions as their (canonical, sorted) repr, which is
+    also what checkpoints of plain configs held before objects were described."""
+    d = config_dict(config)
+    for key in ("rounds", "progress", "device", "checkpoint_every"):
+        d.pop(key)
+    return {k: (repr(v) if isinstance(v, (list, dict)) else v) for k, v in d.items()}
+
+
