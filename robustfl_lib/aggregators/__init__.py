@@ -7,6 +7,7 @@
 * :mod:`.distance`: :class:`Krum`, :class:`MultiKrum`, :class:`Bulyan`, :class:`MDA`, :class:`MoNNA`;
 * :mod:`.iterative`: :class:`GeometricMedian`, :class:`CenteredClipping`;
 * :mod:`.spectral`: :class:`SMEA`, :class:`CAF` (the covariance's largest eigenvalue);
+* :mod:`.filters`: :class:`DnC`, :class:`SignGuard` (detect suspicious updates, drop them, average the rest);
 * :mod:`.preaggregation`: :class:`NNM`, :class:`Clipping`, :class:`ARC` (``(n, d)`` to ``(n, d)``
   before a rule) and :class:`Bucketing` (``(n, d)`` to ``(ceil(n/s), d)``).
 
@@ -28,6 +29,7 @@ from .base import (
 )
 from .coordinatewise import Meamed, Mean, Median, TrimmedMean, mean_around_median
 from .distance import MDA, Bulyan, Krum, MoNNA, MultiKrum, krum_scores, subset_complements
+from .filters import DnC, SignGuard
 from .iterative import CenteredClipping, GeometricMedian, spread_radius
 from .preaggregation import ARC, NNM, PRE_AGGREGATORS, Bucketing, Clipping, PreAggregator
 from .spectral import CAF, SMEA
@@ -68,6 +70,8 @@ __all__ = [
     "AGGREGATOR_ALIASES",
     "mean_around_median",
     "subset_complements",
+    "DnC",
+    "SignGuard",
 ]
 
 # Names accepted by get_aggregator (and FLConfig.aggregator), in the order they were introduced.
@@ -85,4 +89,6 @@ AGGREGATORS.update({
     "monna": MoNNA,
     "caf": CAF,
     "smea": SMEA,
+    "dnc": DnC,
+    "signguard": SignGuard,
 })
