@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .aggregators import Aggregator, Mean, RobustAggregator
-from .byzantine import DataPoisoning
-from .robust_stats import compute_dtype
-from .runtime import make_generator
+from ..aggregators import Aggregator, Mean, RobustAggregator
+from ..byzantine import DataPoisoning
+from ..robust_stats import compute_dtype
+from ..runtime import make_generator
 
 __all__ = [
     "PixelTrigger",
