@@ -26,6 +26,9 @@ Bucketing and ARC, each printed beside three baselines timed in the same interle
 one ``X @ X.T``, one scaled copy ``2 * X``: a pass that writes ``(n, d)``), and beside ByzFL's
 version of the rule when ``byzfl`` is installed. MDA and
 SMEA search all C(n, f) subsets, so they run at f = 3 (19,600 subsets), the others at f = n / 5.
+The filters DnC and SignGuard (not in ByzFL) run with their defaults (DnC: 5 iterations on 10,000
+coordinates; SignGuard: mean shift on the sign statistics of a 10% block) and seeded generators.
+``--only dnc,signguard`` keeps the rows whose name contains one of the words, beside the baselines.
 Goal: Bucketing and ARC cost at most one extra pass over the updates: a read (the norms, the
 bucket sums) plus at most one written copy.
 """
@@ -210,14 +213,20 @@ def issue14_rules(n: int, d: int, f: int) -> dict[str, tuple[Callable, Callable 
         f"arc (f={f}, pre-aggregation)": (rfl.ARC(f), theirs(lambda b: b.ARC(f=f)), ref),
         "bucketing+centered_clipping": (rfl.get_aggregator("bucketing+centered_clipping", f=f), None, ""),
         f"arc+nnm+trimmed_mean (f={f})": (rfl.get_aggregator("arc+nnm+trimmed_mean", f=f), None, ""),
+        f"dnc (f={f})": (rfl.DnC(f, generator=torch.Generator().manual_seed(0)), None, "(not in ByzFL)"),
+        "signguard": (rfl.SignGuard(generator=torch.Generator().manual_seed(0)), None, "(not in ByzFL)"),
+        "signguard (dbscan)": (rfl.SignGuard(clustering="dbscan", generator=torch.Generator().manual_seed(0)), None,
+                               "(not in ByzFL)"),
     }
 
 
-def bench_issue14(n: int, d: int, repeats: int, seed: int = 0) -> list[dict]:
+def bench_issue14(n: int, d: int, repeats: int, seed: int = 0, only: list[str] | None = None) -> list[dict]:
     f = n // 5
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
     x[:f] += 0.5
     table = issue14_rules(n, d, f)
+    if only:  # the baselines stay: every ratio is to them, measured in the same run
+        table = {k: v for k, v in table.items() if "(baseline)" in k or any(w in k for w in only)}
     for ours, ref, _ in table.values():  # warm-up
         ours(x)
         if ref is not None:
@@ -301,6 +310,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--rules", choices=("all", "issue14"), default="all",
                         help="issue14: only issue 14's rules with their baselines, at the first setting")
+    parser.add_argument("--only", default=None,
+                        help="with --rules issue14: comma-separated words; only the rows whose name contains one "
+                             "(and the baselines), e.g. --only dnc,signguard")
     parser.add_argument("--nnm-peak", default=None, help=argparse.SUPPRESS)  # n,d: the memory subprocess
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -318,7 +330,10 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} thread(s), float32, "
           f"median of {repeats} calls; {os.cpu_count()} CPUs, load average {load:.1f} at start\n")
-    rows14 = bench_issue14(*settings[0], repeats)
+    only = [w.strip() for w in args.only.split(",") if w.strip()] if args.only else None
+    if only and args.rules != "issue14":
+        parser.error("--only needs --rules issue14")
+    rows14 = bench_issue14(*settings[0], repeats, only=only)
     if args.rules == "issue14":
         print_issue14(rows14)
         if args.json:

@@ -336,12 +336,18 @@ def test_more_nonfinite_rows_than_tolerated_warn_and_stay_finite():
         SignGuard()(x)  # two of nine: within the tolerance, no warning
 
 
-def test_huge_finite_rows_do_not_overflow():
+def test_huge_finite_rows_do_not_overflow_and_tiny_updates_do_not_underflow():
     x = _x(9, 50, 6)
     x[0] = 1e300
     for rule in (DnC(1), SignGuard()):
         out = rule(x)
         assert torch.isfinite(out).all() and 0 not in rule.last_info["selected"].tolist()
+    x = _spiked(9, 1, 50, 6)
+    for make in (lambda: DnC(1, b=20), lambda: SignGuard()):  # both rules are scale-invariant
+        a, b = make(), make()
+        out = a(x * 1e-200)
+        b(x)
+        assert a.last_info["selected"].tolist() == b.last_info["selected"].tolist() and bool(out.abs().max() > 0)
 
 
 # ------------------------------------------------------------------ seeding and state
