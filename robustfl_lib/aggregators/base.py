@@ -301,7 +301,7 @@ def get_aggregator(spec: str | Aggregator, f: int = 0, **kwargs) -> Aggregator:
 
     Names: ``"mean"``, ``"median"``, ``"trimmed_mean"``, ``"krum"``,
     ``"multi_krum"``, ``"geometric_median"``, ``"centered_clipping"`` (or ``"cc"``),
-    ``"bulyan"``, ``"meamed"``, ``"mda"``, ``"monna"``, ``"caf"``, ``"smea"``; pre-aggregators
+    ``"bulyan"``, ``"meamed"``, ``"mda"``, ``"monna"``, ``"caf"``, ``"smea"``, ``"dnc"``, ``"signguard"``; pre-aggregators
     (``"nnm"``, ``"clipping"``, ``"arc"``, ``"bucketing"``) are prefixed with ``+``: ``"nnm+krum"``,
     ``"clipping+mean"``, ``"nnm+clipping+median"``, ``"bucketing+cc"``, ``"arc+nnm+trimmed_mean"``. ``f`` (the number of
     Byzantine clients to tolerate) goes to every step that takes it; ``kwargs``
