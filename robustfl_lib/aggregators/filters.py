@@ -256,7 +256,8 @@ class SignGuard(RobustAggregator):
     tolerates fewer than half non-finite updates (:meth:`RobustAggregator.tolerated`) and has no
     requirement on ``n`` beyond one update.
 
-    **The paper's choices** (defaults): ``lower`` :math:`L = 0.1`, ``upper`` :math:`R = 3`; sign
+    **The authors' choices** (the defaults, from the paper and its released code): ``lower``
+    :math:`L = 0.1`, ``upper`` :math:`R = 3` (the code's bounds are strict; here they are closed); sign
     statistics on 10% of the coordinates (``fraction=0.1``) taken, as in the authors' code, as one
     block of consecutive coordinates at a random offset (one cheap slice, where gathering scattered
     coordinates of a long vector costs many times more); each statistic divided by its maximum over
