@@ -83,7 +83,8 @@ class ByzantineAttack:
             raise ValueError(f"{type(self).__name__} is stateless; got state with keys {sorted(state)}")
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        # last_* attributes record the last call (an output), not the configuration
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith(("_", "last_")))
         return f"{type(self).__name__}({args})"
 
 
@@ -148,8 +149,9 @@ ADAPTIVE_ATTACKS: dict[str, type] = {}
 
 
 def get_attack(spec: str | ByzantineAttack | DataPoisoning, **kwargs) -> ByzantineAttack | DataPoisoning:
-    """An attack from its config name (``"alie"``, ...; ``kwargs`` go to its
-    constructor) or the object itself (returned unchanged)."""
+    """An attack from its config name (a key of :data:`ATTACKS` such as ``"alie"``, or of
+    :data:`ADAPTIVE_ATTACKS` such as ``"min_max"``; ``kwargs`` go to its constructor, e.g.
+    ``get_attack("optimal_alie", aggregator="median", f=2)``) or the object itself (returned unchanged)."""
     if isinstance(spec, (ByzantineAttack, DataPoisoning)):
         if kwargs:
             raise ValueError("keyword arguments are only used with an attack name, not an attack object")
