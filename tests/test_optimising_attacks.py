@@ -373,6 +373,9 @@ def test_config_names_build_the_right_objects():
     assert isinstance(ipm, OptimalIPM) and isinstance(ipm.aggregator, Krum)
     with pytest.raises(ValueError, match="min_max"):  # the error lists the new names too
         get_attack("minmax")
+    for name in ("optimal_alie", "optimal_ipm", "adaptive_scaling"):
+        with pytest.raises(ValueError, match="needs the aggregator it attacks"):
+            get_attack(name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -155,7 +155,8 @@ class MinSum(_AgrAgnostic):
        \le \max_{i \le n_h} \sum_{j \le n_h} \|u_i - u_j\|^2\Big\},
 
     so that its summed squared distance to the honest updates (Krum's score, over all of them) is
-    no worse than the worst honest update's.
+    no worse than the worst honest update's. (Some of the authors' released notebooks compare with
+    the *smallest* honest sum instead, a stricter constraint; this is the paper's.)
     :math:`\bar u`, :math:`p` (``direction``: ``"unit_vec"``, ``"std"`` default, ``"sign"``),
     the bisection (``tol``, :meth:`search`), ``last_scale`` and the weights are as in
     :class:`MinMax`; the constraint is :math:`\sum_i (c_i - 2\gamma b_i) + n_h\gamma^2\|p\|^2

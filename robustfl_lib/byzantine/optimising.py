@@ -63,11 +63,14 @@ class ScaleSearch(ByzantineAttack):
 
     def __init__(
         self,
-        aggregator,
+        aggregator=None,
         scales: Sequence[float] | None = None,
         refine: int = 2,
         f: int | None = None,
     ):
+        if aggregator is None:
+            raise ValueError(f"{type(self).__name__} needs the aggregator it attacks: aggregator=<object>, "
+                             "or a name with f=, e.g. aggregator='median', f=2")
         if isinstance(aggregator, str):
             from ..aggregators import get_aggregator  # late import: aggregators is the defender's module
 
@@ -195,7 +198,7 @@ class AdaptiveScaling(ScaleSearch):
 
     def __init__(
         self,
-        aggregator,
+        aggregator=None,
         direction: str = "sign",
         scales: Sequence[float] | None = None,
         refine: int = 2,
