@@ -1,8 +1,11 @@
-"""Backdoors that adapt to the defense: :func:`stealthy_norm`, :class:`ConstrainAndScale`.
-Chapter ``12_exercise_adaptive_attacks``.
+"""Backdoors that shape their update: :func:`stealthy_norm` and :class:`ConstrainAndScale` adapt it to a
+norm detector (chapter ``12_exercise_adaptive_attacks``); :class:`Neurotoxin` confines it to the
+coordinates that honest training changes least, so that it lasts (chapter ``11_exercise_backdoor_detection``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -10,7 +13,7 @@ from ..robust_stats import compute_dtype
 from .detectors import Detector, NormZScore
 from .triggers import BackdoorPoisoning, PixelTrigger
 
-__all__ = ["stealthy_norm", "ConstrainAndScale"]
+__all__ = ["stealthy_norm", "ConstrainAndScale", "Neurotoxin"]
 
 
 def stealthy_norm(
@@ -107,3 +110,99 @@ class ConstrainAndScale(BackdoorPoisoning):
     def __repr__(self) -> str:
         return (f"ConstrainAndScale(trigger={self.trigger!r}, fraction={self.fraction}, boost={self.boost}, "
                 f"detector={self.detector!r}, margin={self.margin}, seed={self.seed})")
+
+
+class Neurotoxin(BackdoorPoisoning):
+    r"""Neurotoxin (Zhang, Panda, Song, Yang, Mahoney, Gonzalez, Ramchandran & Mittal 2022,
+    "Neurotoxin: Durable Backdoors in Federated Learning", ICML): the backdoor update is confined
+    to the coordinates that the honest clients change least, so that later honest rounds, which
+    move other coordinates, do not wash it out.
+
+    The clients train on poisoned data as for :class:`BackdoorPoisoning`; then each attacker's
+    update :math:`u` (times ``boost`` :math:`\gamma`, 1 by default: the paper does not boost) is
+    projected onto the complement of the top-:math:`k` coordinates of a benign reference
+    :math:`g`:
+
+    .. math:: \tilde u = \gamma\, u \odot (1 - m), \qquad m_j = 1 \iff |g_j|
+        \text{ is among the } \operatorname{round}(k\, d) \text{ largest of } |g|,
+
+    so :math:`\tilde u` is exactly zero on those coordinates and :math:`\gamma u` elsewhere.
+    ``top_k`` :math:`= k = 0.05` by default: the mask ratio of the authors' released image-task
+    runs (their ``gradmask_ratio 0.95`` keeps the bottom 95% of coordinates); the paper also
+    reports 1% and 3%. Ties at the cut are broken by ``torch.topk``.
+
+    **The reference.** In the paper the attacker takes :math:`g` from the previous round's
+    global update (the difference of the two global models it downloaded), a stand-in for the
+    benign gradient. The FL loop does not give an attacker the global models; it does show an
+    omniscient attacker this round's honest updates (as for :class:`ConstrainAndScale`), so
+    ``reference="previous"`` (default) uses the mean of the *previous* round's honest updates, the
+    paper's timing with the honest mean for the aggregate (in the first round, when there is no
+    previous one, this round's), and ``reference="current"`` the mean of this round's.
+    :meth:`project` takes any reference (e.g. the true previous aggregate, in a loop of one's own).
+
+    The paper projects every local gradient step; here the finished update is projected once
+    (the same for one local step; with several, the unmasked coordinates can differ). The FL
+    loop calls :meth:`rescale` on the attackers' updates in place of multiplying by ``boost``;
+    ``last_mask`` holds the last mask (``None`` when there was no reference: no honest update).
+    Stateful (the previous honest mean): ``reset``, ``get_state``, ``set_state``. Chapter
+    ``11_exercise_backdoor_detection`` (durability: :func:`~robustfl_lib.backdoor.backdoor_durability`).
+    """
+
+    def __init__(self, trigger: PixelTrigger, fraction: float = 0.5, boost: float = 1.0, top_k: float = 0.05,
+                 reference: str = "previous", seed: int = 0):
+        super().__init__(trigger, fraction, boost, seed)
+        if not (isinstance(top_k, (int, float)) and 0.0 < top_k < 1.0):
+            raise ValueError(f"top_k (the fraction of coordinates masked) must be in (0, 1), got {top_k!r}")
+        if reference not in ("previous", "current"):
+            raise ValueError(f"reference must be 'previous' or 'current', got {reference!r}")
+        self.top_k, self.reference = float(top_k), reference
+        self.reset()
+
+    def reset(self) -> None:
+        self._previous: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None
+
+    def get_state(self) -> dict[str, Any]:
+        return {"previous": self._previous if self._previous is not None else torch.empty(0)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        previous = state["previous"]
+        self._previous = previous.clone() if previous.numel() else None
+
+    def mask(self, reference: torch.Tensor) -> torch.Tensor:
+        """``(d,)`` bool, ``True`` on the ``round(top_k * d)`` coordinates of largest ``|reference|``."""
+        if reference.ndim != 1 or reference.numel() == 0:
+            raise ValueError(f"reference must be a non-empty 1-D tensor, got shape {tuple(reference.shape)}")
+        if not bool(torch.isfinite(reference).all()):
+            raise ValueError("reference has non-finite entries")
+        m = torch.zeros(reference.shape, dtype=torch.bool, device=reference.device)
+        k = int(round(self.top_k * reference.numel()))
+        if k > 0:
+            m[torch.topk(reference.abs(), k, sorted=False).indices] = True
+        return m
+
+    def project(self, update: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """``update`` (``(d,)`` or ``(b, d)``) with the top-k coordinates of ``|reference|`` set to zero."""
+        if update.shape[-1] != reference.shape[-1]:
+            raise ValueError(f"update has {update.shape[-1]} coordinates, reference {reference.shape[-1]}")
+        m = self.mask(reference.to(update.device))
+        self.last_mask = m
+        return update.masked_fill(m, 0.0)
+
+    def rescale(self, own: torch.Tensor, honest: torch.Tensor) -> torch.Tensor:
+        """The attackers' updates ``own`` ``(b, d)``, boosted and projected (see the class docstring)."""
+        if own.ndim != 2 or honest.ndim != 2 or (len(honest) and own.shape[1] != honest.shape[1]):
+            raise ValueError(f"own and honest must be (b, d) and (h, d), got {tuple(own.shape)}, {tuple(honest.shape)}")
+        x = own.to(compute_dtype(own.dtype)) * self.boost
+        current = honest.to(x.dtype).mean(dim=0) if len(honest) else None
+        ref = self._previous if self.reference == "previous" and self._previous is not None else current
+        if current is not None:
+            self._previous = current.detach().clone()
+        if ref is None:
+            self.last_mask = None
+            return x.to(own.dtype)
+        return self.project(x, ref.to(x.device)).to(own.dtype)
+
+    def __repr__(self) -> str:
+        return (f"Neurotoxin(trigger={self.trigger!r}, fraction={self.fraction}, boost={self.boost}, "
+                f"top_k={self.top_k}, reference={self.reference!r}, seed={self.seed})")

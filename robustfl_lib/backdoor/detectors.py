@@ -55,11 +55,14 @@ class NormZScore(Detector):
 
 
 class CosineSimilarity(Detector):
-    r"""FoolsGold-style (Fung et al. 2020): flag clients whose update is too similar to another's.
+    r"""A simplified FoolsGold-style filter (after Fung et al. 2020): flag clients whose update is
+    too similar to another's.
 
     Honest clients with different data disagree; sybils that share one goal (the
     same trigger) push the same direction. Client :math:`i` is flagged when
-    :math:`\max_{j \ne i} \cos(u_i, u_j) > t`.
+    :math:`\max_{j \ne i} \cos(u_i, u_j) > t`, on this round's updates only: none of
+    FoolsGold's update histories, pardoning or logit learning rates, which
+    :class:`~robustfl_lib.backdoor.FoolsGold` implements as published.
     """
 
     def __init__(self, threshold: float = 0.9):
@@ -73,29 +76,40 @@ class CosineSimilarity(Detector):
 
 
 class Clustering(Detector):
-    r"""FLAME-style (Nguyen et al. 2022): HDBSCAN on pairwise cosine distances with
-    ``min_cluster_size = n // 2 + 1``; updates outside the majority cluster are flagged.
+    r"""A simplified FLAME-style filter, FLAME's first stage only (after Nguyen et al. 2022):
+    HDBSCAN on pairwise cosine distances with ``min_cluster_size = n // 2 + 1``; updates
+    outside the majority cluster are flagged.
 
     HDBSCAN may also call some honest updates noise: like FLAME, this trades a few
     honest updates for safety. If no cluster holds a majority (HDBSCAN calls
-    everything noise), nothing is flagged.
+    everything noise), nothing is flagged. FLAME's clipping at the median norm of all
+    clients and its noise are in :class:`~robustfl_lib.backdoor.FLAME`.
     """
 
     def flag(self, updates):
-        from sklearn.cluster import HDBSCAN
-
         n = updates.shape[0]
         unit = updates / updates.norm(dim=1, keepdim=True).clamp_min(1e-30)
         dist = (1.0 - unit @ unit.T).clamp_min(0.0).cpu().double().numpy()
         # A float32 matmul is not exactly symmetric, and HDBSCAN refuses an asymmetric matrix.
         dist = 0.5 * (dist + dist.T)
         np.fill_diagonal(dist, 0.0)
-        labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True,
-                         copy=True).fit_predict(dist)
+        labels = majority_cluster_labels(dist)
         if (labels < 0).all():
             return torch.zeros(n, dtype=torch.bool, device=updates.device)
         majority = np.bincount(labels[labels >= 0]).argmax()
         return torch.from_numpy(labels != majority).to(updates.device)
+
+
+def majority_cluster_labels(dist: np.ndarray) -> np.ndarray:
+    """HDBSCAN's labels (``-1`` = noise) of ``n`` points given their symmetric ``(n, n)`` distance
+    matrix, with FLAME's settings: ``min_cluster_size = n // 2 + 1`` (so a cluster is a majority, and
+    at most one exists), ``min_samples = 1``, a single cluster allowed. Shared by :class:`Clustering`
+    and :class:`~robustfl_lib.backdoor.FLAME`."""
+    from sklearn.cluster import HDBSCAN
+
+    n = dist.shape[0]
+    return HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True,
+                   copy=True).fit_predict(dist)
 
 
 class Detect(RobustAggregator):

@@ -1,9 +1,11 @@
 """What a backdoor achieved and what a defense caught: :func:`attack_success_rate`,
-:func:`detection_scores`, :func:`detection_over_rounds`. Chapter ``11_exercise_backdoor_detection``.
+:func:`detection_scores`, :func:`detection_over_rounds`, and how long the backdoor outlives its
+planters (:func:`backdoor_durability`). Chapter ``11_exercise_backdoor_detection``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from .triggers import PixelTrigger
 
-__all__ = ["attack_success_rate", "detection_scores", "detection_over_rounds"]
+__all__ = ["attack_success_rate", "detection_scores", "detection_over_rounds", "backdoor_durability"]
 
 
 @torch.no_grad()
@@ -76,3 +78,67 @@ def detection_over_rounds(history: Sequence[Mapping[str, Any]]) -> dict[str, np.
         precision.append(scores["precision"]), recall.append(scores["recall"]), flagged.append(int(flags.sum()))
     return {"round": np.asarray(rounds), "precision": np.asarray(precision, dtype=float),
             "recall": np.asarray(recall, dtype=float), "flagged": np.asarray(flagged, dtype=float)}
+
+
+def backdoor_durability(
+    asr: Sequence[float | None] | Sequence[Mapping[str, Any]],
+    stop_round: int,
+    threshold: float,
+    rounds: Sequence[int] | None = None,
+    key: str = "attack_success_rate",
+) -> float:
+    r"""How many rounds a backdoor survives after its planters stop: durability as Zhang et al. 2022
+    ("Neurotoxin: Durable Backdoors in Federated Learning", ICML) report it, the rounds from the
+    attackers' last until attack success falls below a threshold.
+
+    With :math:`a_r` the attack success rate after round :math:`r` and :math:`T` the round after
+    which the attackers stop (``stop_round``: the last round in which they attacked),
+
+    .. math:: \mathrm{durability} = \min\{\, r - T : r > T,\ a_r < \tau \,\},
+
+    the number of rounds after :math:`T` at which attack success is first below the threshold
+    :math:`\tau` (``threshold``): 1 when it is already below one round after the attackers' last,
+    ``inf`` when it never falls below :math:`\tau` within the run (the backdoor outlived the run;
+    a lower bound on durability is then the run's last round minus :math:`T`).
+
+    ``asr`` is either the per-round attack success rates (numbers in :math:`[0, 1]`; ``None`` or
+    NaN for a round that was not measured, which can never count as the fall) or an FL history,
+    a list of records holding ``"round"`` and ``key`` (e.g. filled in by a ``callback`` that
+    measures :func:`attack_success_rate`). ``rounds`` gives the round of each entry of a plain
+    sequence (default ``1, 2, ...``); they must increase. ``ValueError`` for rates outside
+    :math:`[0, 1]`, a threshold outside :math:`(0, 1]`, or no measured round after ``stop_round``.
+    Chapter ``11_exercise_backdoor_detection``.
+    """
+    if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if isinstance(stop_round, bool) or not isinstance(stop_round, (int, np.integer)):
+        raise ValueError(f"stop_round must be an integer round number, got {stop_round!r}")
+    entries = list(asr)
+    if not entries:
+        raise ValueError("the attack success sequence is empty")
+    if isinstance(entries[0], Mapping):
+        if rounds is not None:
+            raise ValueError("rounds is taken from the history's records; do not pass it too")
+        missing = [i for i, rec in enumerate(entries) if "round" not in rec or key not in rec]
+        if missing:
+            raise ValueError(f"history records {missing[:5]} lack 'round' or {key!r}")
+        rounds = [rec["round"] for rec in entries]
+        entries = [rec[key] for rec in entries]
+    elif rounds is None:
+        rounds = list(range(1, len(entries) + 1))
+    r = np.asarray(rounds, dtype=float)
+    if r.shape != (len(entries),):
+        raise ValueError(f"rounds must give one round per entry: {len(entries)} entries, shape {r.shape}")
+    if (np.diff(r) <= 0).any():
+        raise ValueError("rounds must increase")
+    a = np.array([np.nan if v is None else float(v) for v in entries])
+    measured = ~np.isnan(a)
+    if ((a[measured] < 0) | (a[measured] > 1)).any():
+        raise ValueError("attack success rates must lie in [0, 1]")
+    after = measured & (r > stop_round)
+    if not after.any():
+        raise ValueError(f"no measured round after stop_round={stop_round}: durability is undetermined")
+    fallen = after & (a < threshold)
+    if not fallen.any():
+        return math.inf
+    return float(r[fallen.argmax()] - stop_round)
