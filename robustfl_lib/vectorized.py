@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["StackedModel", "train_stacked", "SampleLoss"]
+__all__ = ["StackedModel", "train_stacked", "step_minibatches", "SampleLoss"]
 
 #: ``sample_loss(model, x, y) -> (N,)`` per-sample losses; ``model`` maps (N, ...) inputs to (N, classes).
 SampleLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -109,16 +109,38 @@ def _check_stackable(model: nn.Module) -> list[str]:
     return names
 
 
-def _epoch_plan(sizes: Sequence[int], batch_size: int, generators: Sequence[torch.Generator | None]):
-    """Per-client minibatch order, padded to a common number of steps: (index (K, S, B), mask (K, S, B))."""
+def step_minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """The index tensors of ``steps`` SGD steps on ``n`` samples: successive passes over the data,
+    each shuffled as :func:`robustfl_lib.training.iterate_minibatches` does (batches of
+    ``batch_size``, the last of a pass possibly shorter), cut after ``steps`` batches."""
+    if steps < 1 or batch_size < 1 or n < 1:
+        raise ValueError(f"need steps >= 1, batch_size >= 1 and n >= 1; got {steps}, {batch_size}, {n}")
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        batches.extend(torch.randperm(n, generator=generator).split(batch_size))
+    return batches[:steps]
+
+
+def _epoch_plan(sizes: Sequence[int], batch_size: int, generators: Sequence[torch.Generator | None],
+                steps: int | None = None):
+    """Per-client minibatch order, padded to a common number of steps: (index (K, S, B), mask (K, S, B)).
+
+    One epoch (one pass over each client's data), or with ``steps`` exactly that many
+    minibatches per client (:func:`step_minibatches`)."""
     offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
-    steps = max(-(-n // batch_size) for n in sizes)
+    if steps is None:
+        per_client = None
+        steps = max(-(-n // batch_size) for n in sizes)
+    else:
+        per_client = [step_minibatches(n, batch_size, steps, gen) for n, gen in zip(sizes, generators)]
     index = torch.zeros(len(sizes), steps * batch_size, dtype=torch.long)
     mask = torch.zeros(len(sizes), steps * batch_size, dtype=torch.bool)
     for k, (n, off, gen) in enumerate(zip(sizes, offsets, generators)):
-        # The same draw as training.iterate_minibatches, so each client sees the sequential order.
-        order = torch.randperm(n, generator=gen)
-        batches = order.split(batch_size)
+        if per_client is None:
+            # The same draw as training.iterate_minibatches, so each client sees the sequential order.
+            batches = torch.randperm(n, generator=gen).split(batch_size)
+        else:
+            batches = per_client[k]
         for s, b in enumerate(batches):
             index[k, s * batch_size : s * batch_size + len(b)] = b + off
             mask[k, s * batch_size : s * batch_size + len(b)] = True
@@ -137,6 +159,7 @@ def train_stacked(
     sample_loss: SampleLoss | None = None,
     weight_decay: float = 0.0,
     starts: torch.Tensor | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
     """Train ``len(xs)`` copies of ``model`` with plain minibatch SGD, copy ``k`` on ``(xs[k], ys[k])``.
 
@@ -148,6 +171,9 @@ def train_stacked(
     ``starts`` (``(K, d)`` flat weight vectors) gives each copy its own starting
     point instead of ``model``'s weights, so several independent simulations
     (e.g. a grid of aggregators) can train their clients in one call.
+    ``steps`` replaces the ``epochs`` by exactly that many SGD steps per copy, on the
+    minibatches of :func:`step_minibatches` (one step on ``batch_size`` samples when
+    ``steps=1``: the distributed-SGD setting).
     """
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"need one label tensor per input tensor and at least one client, got {len(xs)} and {len(ys)}")
@@ -156,6 +182,8 @@ def train_stacked(
             raise ValueError(f"client {k}: {len(x)} inputs and {len(y)} labels (must match and be non-empty)")
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be None (epochs) or an integer >= 1, got {steps!r}")
     names = _check_stackable(model)
     K = len(xs)
     generators = list(generators) if generators is not None else [None] * K
@@ -178,8 +206,11 @@ def train_stacked(
     x_all, y_all = torch.cat(list(xs)), torch.cat(list(ys))
     device = params[names[0]].device
     base.train()
-    for _ in range(epochs):
-        index, mask = _epoch_plan([len(x) for x in xs], batch_size, generators)
+    sizes = [len(x) for x in xs]
+    # Each epoch's plan is drawn when the epoch starts, as the sequential loop draws it.
+    plans = ((_epoch_plan(sizes, batch_size, generators) for _ in range(epochs)) if steps is None
+             else [_epoch_plan(sizes, batch_size, generators, steps)])
+    for index, mask in plans:
         index, mask = index.to(x_all.device), mask.to(device)
         for s in range(index.shape[1]):
             idx, m = index[:, s], mask[:, s].to(params[names[0]].dtype)

@@ -5,7 +5,9 @@ One round of FedAvg-style training (McMahan et al. 2017):
 1. the server samples participating clients and sends the global weights ``w``
    (:func:`select_participants`);
 2. each client trains locally and returns its update ``u_i = w_i - w``, a delta
-   (:func:`compute_client_updates`);
+   (:func:`compute_client_updates`): ``local_epochs`` epochs, or exactly ``local_steps``
+   SGD steps (``local_steps=1``: distributed SGD); with worker momentum
+   (``client_momentum``) it sends its momentum ``m_i`` instead (:class:`WorkerMomentum`);
 3. Byzantine participants replace their update by an attack computed from the
    honest participants' updates (:func:`apply_byzantine_attack`), unless the
    attack is data poisoning (label flipping), which already acted in step 2;
@@ -30,14 +32,24 @@ from one object never share state, and :func:`run_grid` runs many configurations
 (rules, attacks, Byzantine fractions, and seeds) in lock step, their clients' local
 training batched into one computation.
 
-The aggregator, the attack and the client update step are pluggable. Taught in
-chapter ``00_introduction`` (FedAvg), ``03_byzantine_threats`` (Byzantine clients)
-and ``09_robust_federated_learning`` (the whole pipeline).
+The aggregator, the attack and the client update step are pluggable (a custom
+:class:`ClientUpdate` may ask for the ``client_id`` it trains). Taught in chapter
+``00_introduction`` (FedAvg), ``03_byzantine_threats`` (Byzantine clients),
+``08_stronger_aggregators`` (worker momentum with centered clipping) and
+``09_robust_federated_learning`` (the whole pipeline).
+
+Modules: :mod:`~robustfl_lib.federated.config` (:class:`FLConfig`, :func:`config_dict`),
+:mod:`~robustfl_lib.federated.clients` (local training, client updates),
+:mod:`~robustfl_lib.federated.momentum` (:class:`WorkerMomentum`),
+:mod:`~robustfl_lib.federated.server` (participants, Byzantine forging, aggregation),
+:mod:`~robustfl_lib.federated.simulation` (:func:`run_federated`, checkpoints) and
+:mod:`~robustfl_lib.federated.grid` (:func:`run_grid`).
 """
 
 from .clients import *  # noqa: F401,F403
 from .config import *  # noqa: F401,F403
 from .grid import *  # noqa: F401,F403
+from .momentum import *  # noqa: F401,F403
 from .server import *  # noqa: F401,F403
 from .simulation import *  # noqa: F401,F403
 # Internal names that other modules, benchmarks and tests import from robustfl_lib.federated.
@@ -48,6 +60,8 @@ __all__ = [
     "FLConfig",
     "FLResult",
     "ClientUpdate",
+    "ClientUpdateWithId",
+    "WorkerMomentum",
     "sgd_client_update",
     "adversarial_client_update",
     "run_federated",

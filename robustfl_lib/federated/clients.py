@@ -11,8 +11,10 @@ training, :func:`sgd_client_update`, :func:`adversarial_client_update`, or a cus
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,36 +27,104 @@ from ..data import Dataset
 from ..params import flatten_state
 from ..runtime import make_generator
 from ..training import adversarial_train, train
-from ..vectorized import StackedModel, train_stacked
+from ..vectorized import StackedModel, step_minibatches, train_stacked
 from .config import FLConfig
 
-__all__ = ["ClientUpdate", "sgd_client_update", "adversarial_client_update", "compute_client_updates"]
+__all__ = ["ClientUpdate", "ClientUpdateWithId", "sgd_client_update", "adversarial_client_update",
+           "compute_client_updates"]
 
 
 class ClientUpdate(Protocol):
-    """Trains ``model`` (a copy of the global model) in place on one client's data."""
+    """Trains ``model`` (a copy of the global model) in place on one client's data.
+
+    A callable that also accepts a keyword ``client_id`` (see :class:`ClientUpdateWithId`;
+    ``**kwargs`` counts) is told which client it trains, its id in ``range(num_clients)``,
+    e.g. to add a per-client penalty; one that does not is called exactly as before."""
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
     ) -> None: ...
 
 
+class ClientUpdateWithId(Protocol):
+    """A :class:`ClientUpdate` that is told which client it trains (``client_id``, keyword only)."""
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator, *,
+        client_id: int,
+    ) -> None: ...
+
+
+def _accepts_client_id(update: Callable[..., Any]) -> bool:
+    """Whether ``update`` takes a ``client_id`` keyword (by name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the old protocol
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "client_id" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+               for p in params)
+
+
+def _cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(xb), yb)
+
+
+def _sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+               loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy) -> None:
+    """Exactly ``config.local_steps`` plain SGD steps (:func:`robustfl_lib.training.train`'s step), on
+    the minibatches of :func:`robustfl_lib.vectorized.step_minibatches`."""
+    device = next(model.parameters()).device
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    model.train()
+    for idx in step_minibatches(len(x), config.batch_size, config.local_steps, generator):
+        xb, yb = x[idx.to(x.device)].to(device), y[idx.to(y.device)].to(device)
+        loss = loss_fn(model, xb, yb)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def sgd_client_update(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+    client_id: int | None = None,
 ) -> None:
-    """Local SGD for ``config.local_epochs`` epochs (the FedAvg client)."""
-    train(model, x, y, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, generator=generator)
+    """Local SGD for ``config.local_epochs`` epochs (the FedAvg client), or exactly
+    ``config.local_steps`` steps of ``config.batch_size`` samples when it is set. The same
+    for every client (``client_id`` is accepted and unused)."""
+    if config.local_steps is None:
+        train(model, x, y, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, generator=generator)
+    else:
+        _sgd_steps(model, x, y, config, generator)
 
 
 def adversarial_client_update(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+    client_id: int | None = None,
 ) -> None:
-    """Local adversarial training: ``config.local_epochs`` epochs of PGD training
-    (``config.adv_*``) mixing clean and adversarial loss with weight ``config.adv_mix``."""
+    """Local adversarial training: ``config.local_epochs`` epochs (or ``config.local_steps``
+    steps) of PGD training (``config.adv_*``) mixing clean and adversarial loss with weight
+    ``config.adv_mix`` (:func:`robustfl_lib.training.adversarial_train`'s objective)."""
     # PGD's random starts get their own stream, so the client's minibatch order is that of plain SGD.
     attack = config.local_attack(generator=make_generator(generator.initial_seed() ^ 0x5DEECE66D))
-    adversarial_train(model, x, y, attack, epochs=config.local_epochs, mix=config.adv_mix, lr=config.lr,
-                      batch_size=config.batch_size, generator=generator)
+    if config.local_steps is None:
+        adversarial_train(model, x, y, attack, epochs=config.local_epochs, mix=config.adv_mix, lr=config.lr,
+                          batch_size=config.batch_size, generator=generator)
+        return
+    mix = config.adv_mix
+
+    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if mix == 0.0:
+            return F.cross_entropy(m(xb), yb)
+        x_adv = attack(m, xb, yb)
+        if mix == 1.0:
+            return F.cross_entropy(m(x_adv), yb)
+        losses = F.cross_entropy(m(torch.cat([xb, x_adv])), torch.cat([yb, yb]), reduction="none")
+        clean, adv = losses.split(len(yb))
+        return (1.0 - mix) * clean.mean() + mix * adv.mean()
+
+    _sgd_steps(model, x, y, config, generator, loss_fn)
 
 
 @dataclass(frozen=True)
@@ -151,9 +221,10 @@ def _train_clients(
     gens: list[torch.Generator],
     config: FLConfig,
     rnd: int,
-    client_update: ClientUpdate | None,
+    client_update: ClientUpdate | ClientUpdateWithId | None,
     starts: torch.Tensor | None = None,
     blocks: list[tuple[int, int]] | None = None,
+    client_ids: list[int] | None = None,
 ) -> torch.Tensor:
     """Local training of every client: ``(len(xs), d)`` trained flat weights.
 
@@ -162,22 +233,29 @@ def _train_clients(
     model has no buffers; else client by client. ``starts`` gives each client its
     own starting weights (several simulations sharing one batched call);
     ``blocks`` lists those simulations as ``(clients, seed)`` in row order, so that
-    each draws its PGD random starts from its own stream."""
+    each draws its PGD random starts from its own stream. ``client_ids`` (row order)
+    reach a ``client_update`` that accepts ``client_id``."""
     if client_update is None and config.vectorized and _stackable(model):
         sample_loss = None
         if config.local_training == "adversarial":
             pgd_blocks = None if blocks is None else [(k, _pgd_start_generator(seed, rnd)) for k, seed in blocks]
             sample_loss = _adversarial_sample_loss(config, _pgd_start_generator(config.seed, rnd), pgd_blocks)
         return train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size,
-                             generators=gens, sample_loss=sample_loss, starts=starts)
+                             generators=gens, sample_loss=sample_loss, starts=starts, steps=config.local_steps)
     if starts is not None:
         raise ValueError("separate starting weights need the vectorized path (no client_update, vectorized=True)")
     if client_update is None:
         client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
+    if client_ids is not None and len(client_ids) != len(xs):
+        raise ValueError(f"client_ids must give one id per client: {len(xs)} clients, {len(client_ids)} ids")
+    with_id = client_ids is not None and _accepts_client_id(client_update)
     out = []
-    for x, y, gen in zip(xs, ys, gens):
+    for k, (x, y, gen) in enumerate(zip(xs, ys, gens)):
         local = copy.deepcopy(model)
-        client_update(local, x, y, config, gen)
+        if with_id:
+            client_update(local, x, y, config, gen, client_id=int(client_ids[k]))
+        else:
+            client_update(local, x, y, config, gen)
         out.append(flatten_state(local.state_dict()))
     return torch.stack(out)
 
@@ -205,7 +283,7 @@ def compute_client_updates(
     parts: list[torch.Tensor],
     config: FLConfig,
     rnd: int,
-    client_update: ClientUpdate | None = None,
+    client_update: ClientUpdate | ClientUpdateWithId | None = None,
     poison: DataPoisoning | None = None,
     poisoned_mask: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +295,9 @@ def compute_client_updates(
 
     ``client_update=None`` trains as ``config.local_training`` says, batched
     across clients when ``config.vectorized`` (and the model has no buffers);
-    a custom ``client_update`` runs client by client."""
+    a custom ``client_update`` runs client by client (told each ``client_id`` if it
+    accepts one). These are the raw updates: worker momentum
+    (``config.client_momentum``) is applied by the simulation, which keeps the momenta."""
     device = next(model.parameters()).device
     global_vec = flatten_state(model.state_dict())
     updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=device)
@@ -225,7 +305,9 @@ def compute_client_updates(
     rows = [r for r in range(len(participants)) if train_mask[r]]
     if rows:
         xs, ys, gens = _client_data(participants, rows, data, parts, config, rnd, device, poison, poisoned_mask)
-        updates[rows] = _train_clients(model, xs, ys, gens, config, rnd, client_update).to(updates.dtype) - global_vec
+        ids = [int(participants[r]) for r in rows]
+        updates[rows] = _train_clients(model, xs, ys, gens, config, rnd, client_update,
+                                       client_ids=ids).to(updates.dtype) - global_vec
         _boost(updates, rows, poison, poisoned_mask)
     return updates, counts
 

@@ -30,6 +30,21 @@ class FLConfig:
     (with ``attack_kwargs``) or an attack object. The aggregator tolerates
     ``aggregator_f`` Byzantine clients; ``None`` derives it from the fraction:
     ``floor(byzantine_fraction * clients per round)``.
+
+    Local work: ``local_steps=None`` trains ``local_epochs`` epochs (FedAvg, McMahan et
+    al. 2017); ``local_steps=k`` takes exactly ``k`` SGD steps, each on a minibatch of
+    ``batch_size`` samples (the client's data reshuffled whenever a pass over it ends).
+    ``local_steps=1`` with ``client_momentum > 0`` is the distributed-SGD setting of
+    Karimireddy, He & Jaggi 2021 ("Learning from History for Byzantine Robust
+    Optimization", ICML) and of ByzFL: each round every honest worker takes one
+    stochastic gradient and sends its momentum.
+
+    Worker momentum: with ``client_momentum`` :math:`\beta > 0` each honest client sends
+    :math:`m_i^t = \beta m_i^{t-1} + (1 - \beta) g_i^t` instead of its update
+    :math:`g_i^t` (:class:`~robustfl_lib.federated.WorkerMomentum`, whose docstring gives
+    the convention and the initial :math:`m_i^0`, set by ``client_momentum_init``);
+    ``client_momentum=0`` is off and bitwise today's engine. Chapter
+    ``08_stronger_aggregators`` pairs it with centred clipping.
     """
 
     dataset: str = "digits"
@@ -39,9 +54,12 @@ class FLConfig:
     num_clients: int = 10
     clients_per_round: int | None = None  #: None: every client, every round
     rounds: int = 20
-    local_epochs: int = 2
+    local_epochs: int = 2  #: local epochs per round (when local_steps is None)
+    local_steps: int | None = None  #: None: local_epochs epochs; k: exactly k SGD steps of batch_size samples
     lr: float = 0.2
     batch_size: int = 16
+    client_momentum: float = 0.0  #: worker momentum beta in [0, 1) (0: clients send their updates)
+    client_momentum_init: str = "zero"  #: "zero": m_i^0 = 0 (ByzFL); "first": m_i^1 = g_i^1
     aggregator: str | Aggregator = "mean"
     aggregator_f: int | None = None  #: None: derived from byzantine_fraction
     aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -93,8 +111,16 @@ class FLConfig:
         for name in ("rounds", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_steps is not None and (isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int)
+                                             or self.local_steps < 1):
+            raise ValueError(f"local_steps must be None (local_epochs epochs) or an integer >= 1, got {self.local_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        beta = self.client_momentum
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise ValueError(f"client_momentum must be a number in [0, 1) (0: off), got {beta!r}")
+        if self.client_momentum_init not in ("zero", "first"):
+            raise ValueError(f"client_momentum_init must be 'zero' or 'first', got {self.client_momentum_init!r}")
         if not 0 <= self.byzantine_fraction < 1:
             raise ValueError(f"byzantine_fraction must be in [0, 1), got {self.byzantine_fraction}")
         if self.num_byzantine > 0 and self.byzantine_attack is None:

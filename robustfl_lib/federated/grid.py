@@ -20,7 +20,8 @@ __all__ = ["run_grid", "GRID_VARIABLE"]
 
 #: Settings that may differ between the runs of :func:`run_grid`; all others must agree.
 GRID_VARIABLE = ("aggregator", "aggregator_f", "aggregator_kwargs", "byzantine_fraction", "byzantine_attack",
-                 "attack_kwargs", "eval_eps", "eval_steps", "progress", "seed")
+                 "attack_kwargs", "eval_eps", "eval_steps", "progress", "seed", "client_momentum",
+                 "client_momentum_init")
 
 
 def _grid_data(configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | None) -> list[Dataset]:

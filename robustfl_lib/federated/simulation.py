@@ -23,8 +23,9 @@ from ..models import build_model
 from ..params import flatten_state, load_vector_
 from ..runtime import get_device, make_generator, set_seed
 from ..training import evaluate
-from .clients import ClientUpdate, _boost, _client_data, _train_clients
+from .clients import ClientUpdate, ClientUpdateWithId, _boost, _client_data, _train_clients
 from .config import FLConfig, _comparable
+from .momentum import WorkerMomentum
 from .server import _quorum_error, aggregate_round, apply_byzantine_attack, byzantine_clients, select_participants
 
 __all__ = ["FLResult", "run_federated"]
@@ -42,7 +43,9 @@ class FLResult:
 
     ``aggregator`` and ``attack`` are the run's own copies of the config's
     objects, as the last round left them (``last_info``, carried-over state); the
-    objects in ``config`` are never changed by a run.
+    objects in ``config`` are never changed by a run. ``momentum`` is the run's
+    :class:`~robustfl_lib.federated.WorkerMomentum` (every client's momentum after the
+    last round) when ``config.client_momentum > 0``, else ``None``.
     """
 
     model: nn.Module
@@ -51,6 +54,7 @@ class FLResult:
     byzantine: list[int] = field(default_factory=list)  #: the Byzantine client ids
     aggregator: Any = None  #: the run's aggregator after the last round
     attack: Any = None  #: the run's attack (or data poisoning) after the last round
+    momentum: WorkerMomentum | None = None  #: the clients' momenta after the last round (client_momentum > 0)
 
     def metric(self, key: str) -> np.ndarray:
         """One history column as an array, e.g. ``result.metric("clean_accuracy")``."""
@@ -88,6 +92,9 @@ class _Simulation:
         self.model = build_model(config.model, data.input_shape, data.num_classes).to(device)
         self.rng = np.random.default_rng(config.seed)
         self.eval_attack = config.eval_attack() if config.eval_eps is not None else None
+        #: Every client's momentum (None: clients send their updates, bitwise as without the feature).
+        self.momentum = (WorkerMomentum(config.client_momentum, config.num_clients, config.client_momentum_init)
+                         if config.client_momentum > 0 else None)
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] = {}
         #: The global RNG streams as this run left them (run_grid swaps them in; None: use the global ones).
@@ -106,12 +113,15 @@ class _Simulation:
             "rng": self.rng.bit_generator.state,
             "global_rng": global_rng_state(),
             "objects": {"aggregator": object_state(self.aggregator, "aggregator"),
-                        "attack": object_state(self.attack, "attack")},
+                        "attack": object_state(self.attack, "attack"),
+                        "momentum": object_state(self.momentum, "momentum")},
             "config": _comparable(self.config),
         }
 
     def load_state(self, state: dict[str, Any], where: str) -> int:
-        diff = sorted(k for k, v in _comparable(self.config).items() if state["config"].get(k) != v)
+        # A setting added after the checkpoint was written ran at its default there.
+        saved = {**_comparable(FLConfig()), **state["config"]}
+        diff = sorted(k for k, v in _comparable(self.config).items() if saved.get(k) != v)
         if diff:
             raise ValueError(f"the checkpoint in {where} was made with other settings: {diff}")
         self.model.load_state_dict(state["model"])
@@ -121,6 +131,7 @@ class _Simulation:
             set_global_rng_state(state["global_rng"])
             load_object_state(self.aggregator, state["objects"]["aggregator"], "aggregator", where)
             load_object_state(self.attack, state["objects"]["attack"], "attack", where)
+            load_object_state(self.momentum, state["objects"].get("momentum", object_state(None)), "momentum", where)
         else:  # a checkpoint from before objects' states were saved: the CPU RNG and the aggregator only
             torch.set_rng_state(state["torch_rng"].cpu())
             if hasattr(self.aggregator, "set_state"):
@@ -170,6 +181,9 @@ class _Simulation:
             updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=self.device)
             if rows:
                 updates[rows] = trained.to(updates.dtype) - global_vec
+                if self.momentum is not None:
+                    # Clients send their momenta; the attack below, and a boosting backdoor, see the sent vectors.
+                    updates[rows] = self.momentum(updates[rows], participants[rows])
                 _boost(updates, rows, self.poison, is_byz)
             counts = torch.tensor([len(self.parts[c]) for c in participants], dtype=updates.dtype, device=self.device)
             if forged.any():
@@ -187,15 +201,20 @@ class _Simulation:
         self._pending = {}
         return record
 
+    def training_clients(self) -> list[int]:
+        """The ids of the clients that :meth:`plan` returned data for, in its order."""
+        pending = self._pending
+        return [int(pending["participants"][r]) for r in pending.get("rows", [])]
+
     def result(self) -> FLResult:
         return FLResult(model=self.model, history=self.history, config=self.config, byzantine=self.byzantine.tolist(),
-                        aggregator=self.aggregator, attack=self.attack)
+                        aggregator=self.aggregator, attack=self.attack, momentum=self.momentum)
 
 
 def run_federated(
     config: FLConfig,
     data: Dataset | None = None,
-    client_update: ClientUpdate | None = None,
+    client_update: ClientUpdate | ClientUpdateWithId | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -203,12 +222,17 @@ def run_federated(
     """Simulate ``config.rounds`` rounds of federated training; same seed, same history.
 
     ``data`` skips loading ``config.dataset`` again; ``client_update`` replaces
-    the built-in local training (and runs client by client); ``callback``
-    receives each round's record as it is made. Byzantine clients
+    the built-in local training (and runs client by client; one that accepts a
+    ``client_id`` keyword is told which client it trains, :class:`ClientUpdate`);
+    ``callback`` receives each round's record as it is made. Byzantine clients
     (``config.byzantine_fraction``) are drawn once by :func:`byzantine_clients`;
     with an update attack they do not train, and their rows are forged from the
     honest participants' updates each round; with data poisoning they train on
-    poisoned data.
+    poisoned data. With worker momentum (``config.client_momentum > 0``) every
+    client that trains sends its momentum (:class:`WorkerMomentum`), and the
+    attack sees the honest clients' momenta, what they send; data-poisoning
+    clients follow the protocol on their poisoned data (momentum included), and a
+    boosting backdoor scales the momentum it sends.
 
     The run works on its own copies of ``config``'s aggregator and attack objects
     (returned in :attr:`FLResult.aggregator` / :attr:`FLResult.attack`), reset at the
@@ -219,7 +243,8 @@ def run_federated(
     rounds is saved to ``checkpoint_dir/checkpoint.pt`` (tensors and plain values
     only: it loads with ``weights_only=True``): the model, the history, every
     random stream (the run's own, torch's CPU and CUDA ones, NumPy's, Python's)
-    and the objects' states (``get_state()`` and every generator they hold).
+    and the objects' states (``get_state()`` and every generator they hold), the
+    clients' momenta included.
     ``resume=True`` continues from it, in this or a new process, and ends with
     exactly the model and history of an uninterrupted run; it refuses a
     checkpoint made with other settings (compared by value: :func:`config_dict`).
@@ -237,7 +262,8 @@ def run_federated(
     bar = tqdm(range(start, config.rounds + 1), desc="FL rounds", unit="round", disable=not config.progress)
     for rnd in bar:
         xs, ys, gens = sim.plan(rnd)
-        trained = _train_clients(sim.model, xs, ys, gens, config, rnd, client_update) if xs else None
+        trained = (_train_clients(sim.model, xs, ys, gens, config, rnd, client_update, client_ids=sim.training_clients())
+                   if xs else None)
         record = sim.finish(rnd, trained)
         if record["clean_accuracy"] is not None:
             bar.set_postfix(acc=f"{record['clean_accuracy']:.3f}")
