@@ -23,5 +23,6 @@ from .runtime import *  # noqa: F401,F403
 from .smoothing import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
 from .vectorized import *  # noqa: F401,F403
+from .worstcase import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

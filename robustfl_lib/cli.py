@@ -1,9 +1,12 @@
-"""Command line for instructors: ``python -m robustfl_lib run|grid ...``.
+"""Command line for instructors: ``python -m robustfl_lib run|grid|worst-case ...``.
 
 * ``run``: one federated configuration, one line per round, a final summary.
 * ``grid``: every combination of comma-separated option values, one CSV row each
   (final clean and robust accuracy), e.g. the aggregator x attack x fraction table of
   chapter ``09_robust_federated_learning``.
+* ``worst-case``: the worst-case benchmark of a TOML config
+  (:func:`robustfl_lib.worstcase.worst_case_benchmark`): a CSV of every run, a summary
+  CSV, a markdown table and, with ``--heatmap``, a figure.
 
 Options are generated from :class:`robustfl_lib.federated.FLConfig`'s fields
 (``--byzantine-fraction 0.2`` sets ``byzantine_fraction``), so the command line
@@ -166,6 +169,43 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worst_case(args: argparse.Namespace) -> int:
+    from .worstcase import load_worst_case_config, worst_case_benchmark
+
+    try:
+        config = load_worst_case_config(args.config, full=args.full, base_seed=args.seed)
+    except (TypeError, ValueError, FileNotFoundError, RuntimeError) as err:
+        return _error(str(err))
+    combos = sum(len(r.settings) for r in config.rules) * len(config.fractions) * len(config.heterogeneity)
+    print(f"robustfl worst-case: {args.config}{' (full)' if args.full else ''}: {len(config.rules)} rules, "
+          f"{len(config.attacks)} attacks, fractions {list(config.fractions)}, heterogeneity "
+          f"{list(config.heterogeneity)}, {len(config.seeds)} seeds from base seed {config.base_seed}, "
+          f"{combos} cell x setting combinations", flush=True)
+    start = time.perf_counter()
+    try:
+        result = worst_case_benchmark(config, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as err:
+        return _error(str(err))
+    seconds = time.perf_counter() - start
+    summary = result.to_csv(args.out, args.summary)
+    print()
+    print(result.table())
+    how = ("the minimum over attacks of the seed-averaged accuracy (ByzFL's)" if config.worst_case == "mean"
+           else "the minimum over attacks per seed, averaged over seeds")
+    print(f"\nworst case: {how}; settings chosen on validation data; 95% intervals over {len(config.seeds)} seeds")
+    print(f"wrote {len(result.rows)} rows to {args.out} and {len(result.summary)} cells to {summary}")
+    if args.heatmap:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        fig = result.heatmap()
+        Path(args.heatmap).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.heatmap, dpi=150)
+        print(f"wrote the heatmap to {args.heatmap}")
+    print(f"wall time {seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m robustfl_lib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(grid, grid=True)
     grid.add_argument("--out", default="grid.csv", help="CSV file to write (default: grid.csv)")
     grid.set_defaults(func=cmd_grid)
+    worst = sub.add_parser("worst-case", help="each rule under its worst attack, tuned on validation data (a TOML config)")
+    worst.add_argument("--config", required=True, help="TOML file, e.g. benchmarks/worstcase_demo.toml")
+    worst.add_argument("--out", default="worstcase.csv", help="CSV of every run (default: worstcase.csv)")
+    worst.add_argument("--summary", default=None, help="summary CSV (default: <out stem>_summary.csv)")
+    worst.add_argument("--heatmap", default=None, help="save the heatmap there (PNG)")
+    worst.add_argument("--seed", type=int, default=None, help="base seed (default: the config's, else $ROBUSTFL_SEED)")
+    worst.add_argument("--full", action="store_true", help="apply the config's [full] table (the full size)")
+    worst.add_argument("--no-progress", action="store_true", help="no progress bar")
+    worst.set_defaults(func=cmd_worst_case)
     return parser
 
 
