@@ -279,3 +279,21 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["worst-case", "--config", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("robustfl: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_same_seed_same_numbers(one_thread):
+    config = tiny(rounds=1, rules=["median"], attacks=["alie", "sign_flip"])
+    first, second = (worst_case_benchmark(config, progress=False) for _ in range(2))
+    assert first.rows == second.rows
+    other = worst_case_benchmark({**config, "base_seed": 4}, progress=False)
+    assert [r["seed"] for r in other.rows] != [r["seed"] for r in first.rows]
+
+
+def test_without_a_toml_reader_the_error_says_what_to_install(monkeypatch, tmp_path):
+    from robustfl_lib.worstcase import config as wc_config
+
+    monkeypatch.setattr(wc_config, "tomllib", None)
+    (tmp_path / "c.toml").write_text('rules = ["median"]\n')
+    with pytest.raises(RuntimeError, match="Python >= 3.11 .* tomli"):
+        load_worst_case_config(tmp_path / "c.toml")
+    assert load_worst_case_config(tiny()).rules[0].name == "median"  # a dict needs no reader
