@@ -441,3 +441,17 @@ def test_each_optimising_attack_beats_alie_and_sign_flip_against_its_target_rule
         ours = damage(rule, h, atk(h, f, generator=torch.Generator().manual_seed(seed)))
         plain = max(damage(rule, h, ALIE()(h, f)), damage(rule, h, SignFlip()(h, f)))
         assert ours > 1.1 * plain, (type(atk).__name__, rule, ours, plain)
+
+
+def test_alie_rejects_a_z_that_is_not_a_finite_number():
+    for bad in ("big", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="z must be a finite number"):
+            ALIE(z=bad)
+
+
+def test_fang_krum_names_a_rule_that_reports_no_selection():
+    from robustfl_lib.aggregators import Median
+
+    h = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="reports which rows it selected"):
+        FangKrum(aggregator=Median())(h, 2)

@@ -171,7 +171,11 @@ class FangKrum(ByzantineAttack):
         while True:  # one rule call per halving, at most log2(1 / threshold) + 1 of them
             crafted = (-lam * s)[None] + offsets
             rule(torch.cat([h, crafted]).to(honest.dtype))
-            chosen = torch.as_tensor(rule.last_info["selected"]).reshape(-1)
+            info = getattr(rule, "last_info", None) or {}
+            if "selected" not in info:
+                raise ValueError(f"FangKrum needs a rule that reports which rows it selected "
+                                 f"(last_info['selected']: Krum, Multi-Krum, Bulyan); {type(rule).__name__} does not")
+            chosen = torch.as_tensor(info["selected"]).reshape(-1)
             if bool((chosen >= n_h).any()):
                 selected = True
                 break

@@ -45,6 +45,8 @@ class ALIE(ByzantineAttack):
     """
 
     def __init__(self, z: float | None = None):
+        if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z)):
+            raise ValueError(f"z must be a finite number (honest standard deviations) or None for alie_z, got {z!r}")
         self.z = z
 
     def forge(self, honest, num_byzantine, generator):
