@@ -8,6 +8,7 @@
 * :mod:`.iterative`: :class:`GeometricMedian`, :class:`CenteredClipping`;
 * :mod:`.spectral`: :class:`SMEA`, :class:`CAF` (the covariance's largest eigenvalue);
 * :mod:`.filters`: :class:`DnC`, :class:`SignGuard` (detect suspicious updates, drop them, average the rest);
+* :mod:`.server_data`: :class:`FLTrust` (filters that need server data: trust by cosine to the server's own update);
 * :mod:`.preaggregation`: :class:`NNM`, :class:`Clipping`, :class:`ARC` (``(n, d)`` to ``(n, d)``
   before a rule) and :class:`Bucketing` (``(n, d)`` to ``(ceil(n/s), d)``).
 
@@ -32,6 +33,7 @@ from .distance import MDA, Bulyan, Krum, MoNNA, MultiKrum, krum_scores, subset_c
 from .filters import DnC, SignGuard
 from .iterative import CenteredClipping, GeometricMedian, spread_radius
 from .preaggregation import ARC, NNM, PRE_AGGREGATORS, Bucketing, Clipping, PreAggregator
+from .server_data import FLTrust
 from .spectral import CAF, SMEA
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "subset_complements",
     "DnC",
     "SignGuard",
+    "FLTrust",
 ]
 
 # Names accepted by get_aggregator (and FLConfig.aggregator), in the order they were introduced.
@@ -91,4 +94,5 @@ AGGREGATORS.update({
     "smea": SMEA,
     "dnc": DnC,
     "signguard": SignGuard,
+    "fltrust": FLTrust,
 })

@@ -11,7 +11,6 @@ training, :func:`sgd_client_update`, :func:`adversarial_client_update`, or a cus
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ from ..runtime import make_generator
 from ..training import adversarial_train, train
 from ..vectorized import StackedModel, step_minibatches, train_stacked
 from .config import FLConfig
+from .hooks import accepts_keyword
 
 __all__ = ["ClientUpdate", "ClientUpdateWithId", "sgd_client_update", "adversarial_client_update",
            "compute_client_updates"]
@@ -57,12 +57,7 @@ class ClientUpdateWithId(Protocol):
 
 def _accepts_client_id(update: Callable[..., Any]) -> bool:
     """Whether ``update`` takes a ``client_id`` keyword (by name, or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(update).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C callable without a signature: the old protocol
-        return False
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "client_id" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-               for p in params)
+    return accepts_keyword(update, "client_id")
 
 
 def _cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -201,13 +196,18 @@ def _client_data(
     poison: DataPoisoning | None,
     poisoned_mask: np.ndarray | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Generator]]:
-    """Each training participant's (possibly poisoned) data and its seeded generator."""
+    """Each training participant's (possibly poisoned) data and its seeded generator. A poisoning
+    whose ``poison`` accepts ``client_id`` (:class:`robustfl_lib.backdoor.DBA`) is told whose data it poisons."""
     xs, ys, gens = [], [], []
+    with_id = poison is not None and accepts_keyword(poison.poison, "client_id")
     for row in rows:
         idx = parts[participants[row]]
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
         if poison is not None and poisoned_mask is not None and poisoned_mask[row]:
-            x, y = poison.poison(x, y, data.num_classes)
+            if with_id:
+                x, y = poison.poison(x, y, data.num_classes, client_id=int(participants[row]))
+            else:
+                x, y = poison.poison(x, y, data.num_classes)
         xs.append(x)
         ys.append(y)
         gens.append(_client_generator(config, rnd, participants[row]))
@@ -260,17 +260,22 @@ def _train_clients(
     return torch.stack(out)
 
 
-def _boost(updates: torch.Tensor, rows: list[int], poison: DataPoisoning | None, poisoned_mask: np.ndarray | None) -> None:
+def _boost(updates: torch.Tensor, rows: list[int], poison: DataPoisoning | None, poisoned_mask: np.ndarray | None,
+           previous_step: torch.Tensor | None = None) -> None:
     """Model-replacement boosting of backdoor clients' own updates (Bagdasaryan et al. 2020), in place.
 
     A poisoning with a ``rescale(own, honest)`` method (an adaptive backdoor,
     :class:`robustfl_lib.backdoor.ConstrainAndScale`) sizes its rows against
-    this round's honest updates instead of multiplying them by ``boost``."""
+    this round's honest updates instead of multiplying them by ``boost``; one whose
+    ``rescale`` accepts ``previous_step`` (:class:`robustfl_lib.backdoor.Neurotoxin`) also gets
+    the aggregate the server applied in the previous round (``None`` in the first round),
+    the difference of the two global models an attacker has downloaded."""
     if poison is not None and poisoned_mask is not None and hasattr(poison, "boost"):
         boosted = [r for r in rows if poisoned_mask[r]]
         if hasattr(poison, "rescale"):
             honest = [r for r in rows if not poisoned_mask[r]]
-            updates[boosted] = poison.rescale(updates[boosted], updates[honest]).to(updates.dtype)
+            extra = {"previous_step": previous_step} if accepts_keyword(poison.rescale, "previous_step") else {}
+            updates[boosted] = poison.rescale(updates[boosted], updates[honest], **extra).to(updates.dtype)
         else:
             updates[boosted] = updates[boosted] * poison.boost
 

@@ -45,6 +45,22 @@ class FLConfig:
     the convention and the initial :math:`m_i^0`, set by ``client_momentum_init``);
     ``client_momentum=0`` is off and bitwise today's engine. Chapter
     ``08_stronger_aggregators`` pairs it with centred clipping.
+
+    Attack schedule: ``attack_rounds=(first, last)`` makes the Byzantine clients attack in
+    rounds ``first..last`` only (rounds count from 1); in the other rounds they train honestly
+    on their clean data, as any client does, and the round's record lists no Byzantine
+    participant. Backdoor durability (Zhang et al. 2022, rounds until attack success falls
+    after the attackers stop: :func:`robustfl_lib.backdoor.backdoor_durability`) needs
+    attackers that stop. ``None`` (default): they attack every round.
+
+    Server data: ``server_root_size=m`` holds ``m`` training samples out of the clients'
+    data for the server, drawn uniformly without replacement from the whole training set
+    with the run's seed (as Cao et al. 2021 sample FLTrust's root dataset from the training
+    data); the clients' partition is then drawn over the remaining samples. A rule that
+    asks for the server's update (``needs_server_update = True``,
+    :class:`~robustfl_lib.aggregators.FLTrust`) gets it every round: the server trains the
+    global model on its root data with the clients' local training settings. ``0``
+    (default): no server data, the partition of the whole training set as before.
     """
 
     dataset: str = "digits"
@@ -83,6 +99,15 @@ class FLConfig:
     device: str | None = None
     progress: bool = True
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    attack_rounds: tuple[int, int] | None = None  #: (first, last) rounds in which Byzantine clients attack (None: all)
+    server_root_size: int = 0  #: training samples held out for the server (FLTrust's root data; 0: none)
+
+    def attacks_in_round(self, rnd: int) -> bool:
+        """Whether the Byzantine clients attack in round ``rnd`` (``attack_rounds``; always when it is None)."""
+        if self.attack_rounds is None:
+            return True
+        first, last = self.attack_rounds
+        return first <= rnd <= last
 
     @property
     def participants_per_round(self) -> int:
@@ -139,6 +164,15 @@ class FLConfig:
         for name in ("eval_every", "checkpoint_every", "adv_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attack_rounds is not None:
+            ar = self.attack_rounds
+            if (not isinstance(ar, (tuple, list)) or len(ar) != 2
+                    or any(isinstance(r, bool) or not isinstance(r, int) for r in ar) or not 1 <= ar[0] <= ar[1]):
+                raise ValueError(f"attack_rounds must be None or (first, last) with integers 1 <= first <= last, "
+                                 f"got {ar!r}")
+        root = self.server_root_size
+        if isinstance(root, bool) or not isinstance(root, int) or root < 0:
+            raise ValueError(f"server_root_size must be an integer >= 0 (0: no server data), got {root!r}")
         if self.local_training == "adversarial":
             self.local_attack()  # raises ValueError for a bad eps, steps or norm
         if self.eval_eps is not None:

@@ -13,7 +13,7 @@ from ..params import flatten_state
 from ..runtime import get_device
 from .clients import _stackable, _train_clients
 from .config import FLConfig, config_dict
-from .simulation import FLResult, _Simulation
+from .simulation import FLResult, Metric, _Simulation
 
 __all__ = ["run_grid", "GRID_VARIABLE"]
 
@@ -41,7 +41,8 @@ def _grid_data(configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | 
 
 
 def run_grid(
-    configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | None = None, progress: bool = True
+    configs: list[FLConfig], data: Dataset | Mapping[int, Dataset] | None = None, progress: bool = True,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> list[FLResult]:
     """Run several federated simulations in lock step: a grid of rules, attacks and seeds.
 
@@ -57,7 +58,10 @@ def run_grid(
     initialisation, Byzantine clients and client streams. ``data`` is one
     :class:`~robustfl_lib.data.Dataset` shared by all runs, a dict ``{seed: Dataset}``,
     or ``None``: each distinct seed loads ``load_dataset(dataset, seed=seed)`` once.
-    ``vectorized`` must be on, and the model must have no buffers.
+    ``vectorized`` must be on, and the model must have no buffers. ``metrics`` are measured on
+    every run's global model as in :func:`~robustfl_lib.federated.run_federated`. A rule that
+    asks for the server's update (FLTrust, with ``server_root_size > 0``) gets it: the server's
+    local training is one more row of its run's block in the batched computation.
 
     Each run owns copies of its aggregator and attack objects and its own global
     RNG streams, swapped in while its rounds are planned and finished, and draws its
@@ -83,7 +87,7 @@ def run_grid(
                          f"have different (input shape, classes): {sorted(shapes)}")
     sims = []
     for c, d in zip(configs, datasets):
-        sims.append(_Simulation(c, d, device))
+        sims.append(_Simulation(c, d, device, metrics))
         sims[-1]._global_rng = global_rng_state()  # as a run of its own would start its rounds
     if not _stackable(sims[0].model):
         raise ValueError("run_grid needs a model without buffers (no BatchNorm); use run_federated")

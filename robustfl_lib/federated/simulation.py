@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..aggregators import get_aggregator
-from ..byzantine import ByzantineAttack, DataPoisoning, get_attack
+from ..byzantine import ByzantineAttack, DataPoisoning
 from ..checkpoint import (global_rng_state, isolated_copy, load_checkpoint, load_object_state, object_state,
                           reset_objects, save_checkpoint, set_global_rng_state)
 from ..data import Dataset, load_dataset, partition
@@ -26,7 +26,51 @@ from ..training import evaluate
 from .clients import ClientUpdate, ClientUpdateWithId, _boost, _client_data, _train_clients
 from .config import FLConfig, _comparable
 from .momentum import WorkerMomentum
-from .server import _quorum_error, aggregate_round, apply_byzantine_attack, byzantine_clients, select_participants
+from .server import (_make_attack, _quorum_error, aggregate_round, apply_byzantine_attack, byzantine_clients,
+                     select_participants)
+
+#: A per-round metric: called on the global model after an evaluated round, returns a number.
+Metric = Callable[[nn.Module], float]
+#: Keys of a round's record that a metric may not overwrite.
+_RECORD_KEYS = ("round", "participants", "dropped_out", "byzantine", "aggregation", "update_norm", "clean_accuracy",
+                "robust_accuracy", "attacking")
+#: The client id the server's own training row carries (a custom ClientUpdate that takes client_id sees it).
+SERVER_ID = -1
+
+
+def _check_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping {{name: callable(model) -> float}}, got {type(metrics).__name__}")
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+        if name in _RECORD_KEYS:
+            raise ValueError(f"metric name {name!r} would overwrite the round record's own key; choose another")
+        if not callable(fn):
+            raise TypeError(f"metric {name!r} must be a callable(model) -> float, got {type(fn).__name__}")
+    return dict(metrics)
+
+
+def root_indices(config: FLConfig, num_train: int) -> torch.Tensor | None:
+    """The server's root samples (indices into the training set, sorted), or ``None`` when
+    ``config.server_root_size`` is 0: ``server_root_size`` indices drawn uniformly without
+    replacement from ``range(num_train)`` by ``numpy.random.default_rng([seed, 5])``, a stream of
+    their own (so the partition, participants and Byzantine clients keep theirs)."""
+    m = config.server_root_size
+    if m == 0:
+        return None
+    if m > num_train - config.num_clients:
+        raise ValueError(f"server_root_size={m} leaves fewer than num_clients={config.num_clients} of the "
+                         f"{num_train} training samples for the clients")
+    picked = np.random.default_rng([config.seed, 5]).choice(num_train, size=m, replace=False)
+    return torch.from_numpy(np.sort(picked)).long()
+
+
+def _server_generator(config: FLConfig, rnd: int) -> torch.Generator:
+    """The stream of the server's local training in round ``rnd`` (apart from every client's)."""
+    return make_generator(config.seed * 104_729 + rnd * 2_003 + 500_009)
 
 __all__ = ["FLResult", "run_federated"]
 
@@ -74,18 +118,33 @@ class _Simulation:
     included: runs made from one object (``dataclasses.replace``, :func:`run_grid`)
     never read each other's state, and the caller's objects are left as they were."""
 
-    def __init__(self, config: FLConfig, data: Dataset, device: torch.device):
+    def __init__(self, config: FLConfig, data: Dataset, device: torch.device,
+                 metrics: Mapping[str, Metric] | None = None):
         config.validate()
+        self.metrics = _check_metrics(metrics)
         set_seed(config.seed)
         self.config, self.data, self.device = config, data, device
-        self.parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha, seed=config.seed)
+        #: The server's root samples (None without server data); the clients share the rest.
+        self.root = root_indices(config, len(data.y_train))
+        if self.root is None:
+            self.parts = partition(data.y_train, config.num_clients, config.partition, alpha=config.alpha,
+                                   seed=config.seed)
+        else:
+            rest = torch.from_numpy(np.setdiff1d(np.arange(len(data.y_train)), self.root.numpy())).long()
+            self.parts = [rest[p] for p in partition(data.y_train[rest], config.num_clients, config.partition,
+                                                     alpha=config.alpha, seed=config.seed)]
         self.aggregator = isolated_copy(
             get_aggregator(config.aggregator, f=config.resolved_aggregator_f, **config.aggregator_kwargs))
         if hasattr(self.aggregator, "requirement"):  # refuse an impossible n/f before any training
             self.aggregator.requirement(config.participants_per_round, self.aggregator.f)
         reset_objects(self.aggregator)
-        self.attack = (None if config.byzantine_attack is None
-                       else isolated_copy(get_attack(config.byzantine_attack, **config.attack_kwargs)))
+        #: Whether the aggregator gets the server's own update each round (FLTrust).
+        self.server_update = bool(getattr(self.aggregator, "needs_server_update", False))
+        if self.server_update and self.root is None:
+            raise ValueError(f"aggregator {self.aggregator!r} needs the server's own update, trained on root data "
+                             f"the server holds: set FLConfig.server_root_size > 0 (it is "
+                             f"{config.server_root_size})")
+        self.attack = isolated_copy(_make_attack(config, self.aggregator))
         reset_objects(self.attack)  # e.g. a Mimic that fixes its target in the first round
         self.byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
         self.poison = self.attack if isinstance(self.attack, DataPoisoning) else None
@@ -96,6 +155,8 @@ class _Simulation:
         self.momentum = (WorkerMomentum(config.client_momentum, config.num_clients, config.client_momentum_init)
                          if config.client_momentum > 0 else None)
         self.history: list[dict[str, Any]] = []
+        #: The aggregate applied in the last round that applied one (a backdoor's rescale may ask for it).
+        self.previous_step: torch.Tensor | None = None
         self._pending: dict[str, Any] = {}
         #: The global RNG streams as this run left them (run_grid swaps them in; None: use the global ones).
         self._global_rng: dict[str, Any] | None = None
@@ -115,6 +176,7 @@ class _Simulation:
             "objects": {"aggregator": object_state(self.aggregator, "aggregator"),
                         "attack": object_state(self.attack, "attack"),
                         "momentum": object_state(self.momentum, "momentum")},
+            "previous_step": self.previous_step,
             "config": _comparable(self.config),
         }
 
@@ -132,6 +194,7 @@ class _Simulation:
             load_object_state(self.aggregator, state["objects"]["aggregator"], "aggregator", where)
             load_object_state(self.attack, state["objects"]["attack"], "attack", where)
             load_object_state(self.momentum, state["objects"].get("momentum", object_state(None)), "momentum", where)
+            self.previous_step = state.get("previous_step")
         else:  # a checkpoint from before objects' states were saved: the CPU RNG and the aggregator only
             torch.set_rng_state(state["torch_rng"].cpu())
             if hasattr(self.aggregator, "set_state"):
@@ -166,10 +229,21 @@ class _Simulation:
             self._pending = {"record": record}
             return [], [], []
         is_byz = np.isin(participants, self.byzantine)
+        if config.attack_rounds is not None:
+            record["attacking"] = config.attacks_in_round(rnd)
+            if not record["attacking"]:  # outside the schedule the Byzantine clients train honestly on clean data
+                is_byz = np.zeros_like(is_byz)
         forged = is_byz if isinstance(self.attack, ByzantineAttack) else np.zeros_like(is_byz)
         rows = [r for r in range(len(participants)) if not forged[r]]
         self._pending = {"record": record, "participants": participants, "is_byz": is_byz, "forged": forged, "rows": rows}
-        return _client_data(participants, rows, self.data, self.parts, config, rnd, self.device, self.poison, is_byz)
+        xs, ys, gens = _client_data(participants, rows, self.data, self.parts, config, rnd, self.device, self.poison,
+                                    is_byz)
+        if self.server_update:  # the server's own update, trained as the clients train, is the last row
+            xs.append(self.data.x_train[self.root].to(self.device))
+            ys.append(self.data.y_train[self.root].to(self.device))
+            gens.append(_server_generator(config, rnd))
+            self._pending["server_row"] = True
+        return xs, ys, gens
 
     def finish(self, rnd: int, trained: torch.Tensor | None) -> dict[str, Any]:
         """Aggregate the trained clients' weights (``(rows, d)``) and the forged updates; evaluate; record."""
@@ -179,32 +253,57 @@ class _Simulation:
             participants, is_byz, forged, rows = pending["participants"], pending["is_byz"], pending["forged"], pending["rows"]
             global_vec = flatten_state(self.model.state_dict())
             updates = torch.zeros(len(participants), global_vec.numel(), dtype=global_vec.dtype, device=self.device)
+            reference = None
+            if pending.get("server_row"):
+                reference = trained[-1].to(updates.dtype) - global_vec
+                trained = trained[:-1]
             if rows:
                 updates[rows] = trained.to(updates.dtype) - global_vec
                 if self.momentum is not None:
                     # Clients send their momenta; the attack below, and a boosting backdoor, see the sent vectors.
                     updates[rows] = self.momentum(updates[rows], participants[rows])
-                _boost(updates, rows, self.poison, is_byz)
+                _boost(updates, rows, self.poison, is_byz, self.previous_step)
             counts = torch.tensor([len(self.parts[c]) for c in participants], dtype=updates.dtype, device=self.device)
             if forged.any():
                 updates = apply_byzantine_attack(updates, forged, self.attack, make_generator(config.seed * 7_919 + rnd),
                                                  counts)
-            step, kept = aggregate_round(self.aggregator, updates, counts, participants)
+            step, kept = aggregate_round(self.aggregator, updates, counts, participants, global_model=global_vec,
+                                         reference=reference)
             load_vector_(self.model, global_vec + step)
+            self.previous_step = step.detach().clone()
             record.update(byzantine=participants[is_byz].tolist(), aggregation=kept,
                           update_norm=float(torch.linalg.vector_norm(step.double())))
         if rnd % config.eval_every == 0 or rnd == config.rounds:
             record.update(evaluate(self.model, self.data.x_test, self.data.y_test, attack=self.eval_attack))
+            for name, fn in self.metrics.items():
+                record[name] = self._measure(name, fn)
         else:
             record.update(clean_accuracy=None, robust_accuracy=None)
+            record.update({name: None for name in self.metrics})
         self.history.append(record)
         self._pending = {}
         return record
 
+    def _measure(self, name: str, fn: Metric) -> float:
+        """``fn(model)`` as a float, the model in eval mode meanwhile (its mode restored after)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            value = fn(self.model)
+        finally:
+            self.model.train(was_training)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"metric {name!r} must return a number, got {type(value).__name__}")
+        return float(value)
+
     def training_clients(self) -> list[int]:
-        """The ids of the clients that :meth:`plan` returned data for, in its order."""
+        """The ids of the clients that :meth:`plan` returned data for, in its order (the server's own
+        row, when the aggregator wants the server's update, last, as :data:`SERVER_ID`)."""
         pending = self._pending
-        return [int(pending["participants"][r]) for r in pending.get("rows", [])]
+        ids = [int(pending["participants"][r]) for r in pending.get("rows", [])]
+        return ids + [SERVER_ID] if pending.get("server_row") else ids
 
     def result(self) -> FLResult:
         return FLResult(model=self.model, history=self.history, config=self.config, byzantine=self.byzantine.tolist(),
@@ -218,13 +317,18 @@ def run_federated(
     callback: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> FLResult:
     """Simulate ``config.rounds`` rounds of federated training; same seed, same history.
 
     ``data`` skips loading ``config.dataset`` again; ``client_update`` replaces
     the built-in local training (and runs client by client; one that accepts a
     ``client_id`` keyword is told which client it trains, :class:`ClientUpdate`);
-    ``callback`` receives each round's record as it is made. Byzantine clients
+    ``callback`` receives each round's record as it is made. ``metrics``
+    (``{name: callable(model) -> float}``, e.g. ``{"attack_success_rate": lambda m:
+    attack_success_rate(m, x, y, trigger)}``) are measured on the global model (in eval mode;
+    they must not change it) after every evaluated round (``eval_every``, and the last) and
+    recorded under their names, ``None`` in the other rounds. Byzantine clients
     (``config.byzantine_fraction``) are drawn once by :func:`byzantine_clients`;
     with an update attack they do not train, and their rows are forged from the
     honest participants' updates each round; with data poisoning they train on
@@ -252,7 +356,7 @@ def run_federated(
     config.validate()
     device = get_device(config.device)
     data = data if data is not None else load_dataset(config.dataset, seed=config.seed, **config.dataset_kwargs)
-    sim = _Simulation(config, data, device)
+    sim = _Simulation(config, data, device, metrics)
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
     start = 1
     if resume:

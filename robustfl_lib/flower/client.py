@@ -39,7 +39,8 @@ from ..models import build_model
 from ..params import flatten_state, load_vector_
 from ..runtime import get_device, make_generator
 from .config import cached_dataset, cached_partition, config_from_run_config
-from .federation import attack_for, byzantine_clients, client_seed, local_update_for
+from ..federated.hooks import accepts_keyword
+from .federation import attack_for, byzantine_clients, check_flower_config, client_seed, local_update_for
 from .strategy import BYZANTINE_KEY, CLIENT_ID_KEY, NUM_EXAMPLES_KEY, record_to_state, state_to_record
 
 __all__ = ["KNOWLEDGE", "make_client_app"]
@@ -79,11 +80,14 @@ def make_client_app(
         raise ValueError(f"unknown knowledge {knowledge!r}; choose one of {KNOWLEDGE}")
     if not isinstance(local_shards, int) or local_shards < 2:
         raise ValueError(f"local_shards must be an integer >= 2 (the attack needs a spread), got {local_shards!r}")
+    if config is not None:
+        check_flower_config(config)
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config if config is not None else config_from_run_config(context.run_config)
+        check_flower_config(cfg)
         pid = int(context.node_config["partition-id"])
         if not 0 <= pid < cfg.num_clients:
             raise ValueError(f"partition-id {pid} is outside [0, num_clients={cfg.num_clients})")
@@ -96,11 +100,14 @@ def make_client_app(
         x, y = ds.x_train[idx].to(device), ds.y_train[idx].to(device)
         metrics: dict[str, Any] = {NUM_EXAMPLES_KEY: len(idx), CLIENT_ID_KEY: pid}
         generator = make_generator(client_seed(cfg, rnd, pid))
-        attack = attack_for(cfg) if _node_is_byzantine(context, pid, cfg) else None
+        # Outside the attack schedule (FLConfig.attack_rounds) a Byzantine node trains honestly on clean data.
+        attacking = _node_is_byzantine(context, pid, cfg) and cfg.attacks_in_round(rnd)
+        attack = attack_for(cfg) if attacking else None
         if attack is None:
             local_update_for(cfg)(model, x, y, cfg, generator)
         elif isinstance(attack, DataPoisoning):  # label flipping: honest training on poisoned data
-            local_update_for(cfg)(model, *attack.poison(x, y, ds.num_classes), cfg, generator)
+            who = {"client_id": pid} if accepts_keyword(attack.poison, "client_id") else {}
+            local_update_for(cfg)(model, *attack.poison(x, y, ds.num_classes, **who), cfg, generator)
         else:
             if claimed_examples is not None:
                 metrics[NUM_EXAMPLES_KEY] = claimed_examples

@@ -14,9 +14,10 @@ import numpy as np
 
 from ..aggregators import Aggregator, get_aggregator
 from ..attacks import PGD
-from ..byzantine import ByzantineAttack, DataPoisoning, get_attack
+from ..byzantine import ByzantineAttack, DataPoisoning
 from ..federated import ClientUpdate, FLConfig, adversarial_client_update, select_participants, sgd_client_update
 from ..federated import byzantine_clients as _byzantine_ids
+from ..federated.server import _make_attack
 
 __all__ = [
     "byzantine_clients",
@@ -28,7 +29,28 @@ __all__ = [
     "aggregator_for",
     "eval_attack_for",
     "round_participants",
+    "check_flower_config",
 ]
+
+
+def check_flower_config(config: FLConfig) -> None:
+    """Raise ``ValueError`` for a setting the Flower apps cannot run as ``run_federated`` does.
+
+    * ``client_momentum > 0``: worker momentum needs each client's momentum kept across rounds,
+      and a Flower ClientApp is stateless between messages (the in-process simulation keeps it:
+      :class:`~robustfl_lib.federated.WorkerMomentum`);
+    * ``server_root_size > 0``: the server's root data and its own update (FLTrust) are not
+      wired into the ServerApp.
+
+    Chapter ``14_scaling_out_with_flower``.
+    """
+    if config.client_momentum > 0:
+        raise ValueError(f"client_momentum={config.client_momentum} is not supported by the Flower apps (ClientApps "
+                         "keep no state between rounds, so no worker momentum); use run_federated, or "
+                         "client_momentum=0")
+    if config.server_root_size > 0:
+        raise ValueError(f"server_root_size={config.server_root_size} (the server's root data, e.g. for FLTrust) is "
+                         "not supported by the Flower apps; use run_federated, or server_root_size=0")
 
 
 def num_byzantine(config: FLConfig) -> int:
@@ -100,13 +122,15 @@ def round_participants(config: FLConfig, rng: np.random.Generator, server_round:
 
 
 def attack_for(config: FLConfig) -> ByzantineAttack | DataPoisoning | None:
-    """The attack the config names (``byzantine_attack`` with ``attack_kwargs``), or None.
+    """The attack the config names (``byzantine_attack`` with ``attack_kwargs``), or None; an
+    attack that searches its scale against the rule (``"optimal_alie"``, ...) named without an
+    ``aggregator`` is built against the config's own (:func:`aggregator_for`), as in ``run_federated``.
 
     Chapter ``14_scaling_out_with_flower``.
     """
     if config.byzantine_attack is None:
         return None
-    return get_attack(config.byzantine_attack, **config.attack_kwargs)
+    return _make_attack(config, aggregator_for(config))
 
 
 def aggregator_for(config: FLConfig) -> Aggregator:

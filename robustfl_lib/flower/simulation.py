@@ -31,7 +31,8 @@ from ..runtime import get_device, set_seed
 from ..training import evaluate
 from .client import make_client_app
 from .config import cached_dataset, config_from_run_config
-from .federation import aggregator_for, attack_for, byzantine_clients, eval_attack_for, round_participants
+from .federation import (aggregator_for, attack_for, byzantine_clients, check_flower_config, eval_attack_for,
+                         round_participants)
 from .strategy import Collusion, RobustStrategy, record_to_state, state_to_record
 
 __all__ = ["make_server_app", "run_flower_simulation"]
@@ -62,11 +63,14 @@ def make_server_app(
 
     Chapter ``14_scaling_out_with_flower``.
     """
+    if config is not None:
+        check_flower_config(config)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else config_from_run_config(context.run_config)
+        check_flower_config(cfg)
         set_seed(cfg.seed)
         ds = data if data is not None else cached_dataset(cfg)
         device = get_device(cfg.device)
@@ -99,9 +103,11 @@ def make_server_app(
             participants = done.get("participants", [])
             record = {"round": server_round, "participants": participants,
                       "dropped_out": dropped_out.get(server_round, []),
-                      "byzantine": [] if "skipped" in done.get("aggregation", {}) else
-                                   [c for c in participants if c in byzantine],
+                      "byzantine": [] if "skipped" in done.get("aggregation", {}) or not cfg.attacks_in_round(server_round)
+                                   else [c for c in participants if c in byzantine],
                       "aggregation": done.get("aggregation", {}), "update_norm": done.get("update_norm", 0.0)}
+            if cfg.attack_rounds is not None and "skipped" not in done.get("aggregation", {}):
+                record = {**record, "attacking": cfg.attacks_in_round(server_round)}
             if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
                 record.update(evaluate(model, ds.x_test, ds.y_test, attack=eval_attack))
             else:
@@ -180,6 +186,7 @@ def run_flower_simulation(
     from flwr.simulation import run_simulation
 
     config.validate()
+    check_flower_config(config)
     aggregator_for(config)  # an impossible n/f fails here, before Ray starts
     if data is None:
         data = cached_dataset(config)

@@ -311,7 +311,8 @@ class RobustStrategy(FedAvg):
         weights = sample_weights(torch.tensor([counts[i] for i in perm], dtype=torch.float64), self.weighting)
         if weights is not None:
             weights = weights.to(updates.dtype)
-        step, kept = aggregate_round(self.aggregator, updates, weights, ids)
+        # Client ids and the global weights reach a rule that accepts them (FoolsGold, FLAME), as in run_federated.
+        step, kept = aggregate_round(self.aggregator, updates, weights, ids, global_model=global_vec)
         record.update(flagged=[c for c, b in zip(ids, byzantine.tolist()) if b],
                       aggregation=kept, update_norm=float(torch.linalg.vector_norm(step.double())))
         if self.keep_updates:
