@@ -260,3 +260,17 @@ def test_dba_parts_follow_client_ids(digits):
                                     byzantine_attack=DBA(PixelTrigger(size=2), boost=3.0, seed=1)), data=digits)
     # told each attacker's id, DBA gives the j-th attacker by id part j
     assert [result.attack.part_of(None, None, client_id=c) for c in result.byzantine] == [0, 1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason="Flower is not installed")
+def test_flower_strategy_passes_ids_and_global_weights_and_refuses_fltrust():
+    from flwr.app import Message, MetricRecord, RecordDict  # noqa: F401
+    from robustfl_lib.flower import RobustStrategy
+
+    with pytest.raises(ValueError, match="server_root_size"):
+        RobustStrategy(aggregator="fltrust")
+    rec = Recording()
+    strategy = RobustStrategy(aggregator=rec)
+    assert strategy.aggregator is rec
+    step, _ = aggregate_round(strategy.aggregator, torch.ones(2, 3), None, [5, 1], global_model=torch.zeros(3))
+    assert rec.calls[-1]["client_ids"] == [5, 1]

@@ -213,6 +213,10 @@ class RobustStrategy(FedAvg):
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg_kwargs)
         self.aggregator = get_aggregator(aggregator, f=f)
+        if getattr(self.aggregator, "needs_server_update", False):
+            raise ValueError(f"{self.aggregator!r} needs the server's own update on root data the server holds "
+                             "(FLTrust), which the Flower apps do not provide; use run_federated with "
+                             "FLConfig.server_root_size > 0")
         if hasattr(self.aggregator, "reset"):  # a strategy is one run: stateful rules start afresh
             self.aggregator.reset()
         self.f = f
