@@ -42,8 +42,10 @@ Modules: :mod:`~robustfl_lib.federated.config` (:class:`FLConfig`, :func:`config
 :mod:`~robustfl_lib.federated.clients` (local training, client updates),
 :mod:`~robustfl_lib.federated.momentum` (:class:`WorkerMomentum`),
 :mod:`~robustfl_lib.federated.server` (participants, Byzantine forging, aggregation),
-:mod:`~robustfl_lib.federated.simulation` (:func:`run_federated`, checkpoints) and
-:mod:`~robustfl_lib.federated.grid` (:func:`run_grid`).
+:mod:`~robustfl_lib.federated.simulation` (:func:`run_federated`, checkpoints, the server's root data),
+:mod:`~robustfl_lib.federated.grid` (:func:`run_grid`) and :mod:`~robustfl_lib.federated.hooks` (which
+optional keywords an aggregator, poisoning or client update accepts: ``client_ids``, ``global_model``,
+``reference``, ``client_id``, ``previous_step``; each reaches only an object that takes it).
 """
 
 from .clients import *  # noqa: F401,F403

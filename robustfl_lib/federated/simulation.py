@@ -83,7 +83,9 @@ class FLResult:
     ``"byzantine"`` (the Byzantine ones among them), ``"aggregation"`` (what
     the aggregator kept, by client id: see :func:`aggregate_round`),
     ``"update_norm"`` (norm of the applied aggregate) and the test metrics
-    ``"clean_accuracy"`` and ``"robust_accuracy"``.
+    ``"clean_accuracy"`` and ``"robust_accuracy"``; with ``FLConfig.attack_rounds`` also
+    ``"attacking"`` (whether the Byzantine clients attacked that round), and one entry per
+    ``metrics`` name given to :func:`run_federated`.
 
     ``aggregator`` and ``attack`` are the run's own copies of the config's
     objects, as the last round left them (``last_info``, carried-over state); the
