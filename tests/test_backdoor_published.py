@@ -467,8 +467,22 @@ def test_fl_runs_resume_exactly(case, digits, one_thread, tmp_path):
         assert torch.equal(resumed.model.state_dict()[k], v), k
     if case == "flame+dba":  # the j-th attacker by id stamps part j
         parts = rfl.partition(digits.y_train, TINY["num_clients"], "iid", seed=0)
-        got = [full.attack.part_of(digits.x_train[parts[c]], digits.y_train[parts[c]]) for c in full.byzantine]
+        got = [full.attack.part_of(digits.x_train[parts[c]], digits.y_train[parts[c]], client_id=int(c)) for c in full.byzantine]
         assert got == list(range(len(full.byzantine)))
         assert all("selected" in h["aggregation"] for h in full.history)
     else:
         assert full.attack.last_mask is not None and len(full.aggregator.histories) == TINY["num_clients"]
+
+
+def test_neurotoxin_masks_by_the_previous_global_step_when_given():
+    atk = Neurotoxin(PixelTrigger(), top_k=0.25)
+    g = torch.Generator().manual_seed(3)
+    own, honest, step = torch.randn(2, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(8, generator=g)
+    out = atk.rescale(own, honest, previous_step=step)
+    top = step.abs().topk(2).indices                        # round(0.25 * 8) = 2 coordinates
+    assert (out[:, top] == 0).all()
+    rest = torch.ones(8, dtype=torch.bool)
+    rest[top] = False
+    assert torch.equal(out[:, rest], own[:, rest])
+    with pytest.raises(ValueError, match="previous_step must be"):
+        atk.rescale(own, honest, previous_step=torch.zeros(7))

@@ -133,11 +133,13 @@ class Neurotoxin(BackdoorPoisoning):
 
     **The reference.** In the paper the attacker takes :math:`g` from the previous round's
     global update (the difference of the two global models it downloaded), a stand-in for the
-    benign gradient. The FL loop does not give an attacker the global models; it does show an
-    omniscient attacker this round's honest updates (as for :class:`ConstrainAndScale`), so
-    ``reference="previous"`` (default) uses the mean of the *previous* round's honest updates, the
-    paper's timing with the honest mean for the aggregate (in the first round, when there is no
-    previous one, this round's), and ``reference="current"`` the mean of this round's.
+    benign gradient. :func:`~robustfl_lib.run_federated` passes that update to :meth:`rescale` as
+    ``previous_step`` (the aggregate applied in the previous round), and ``reference="previous"``
+    (default) then masks exactly as the paper does. Called without it (in the first round, or by a
+    loop that does not pass it), ``"previous"`` falls back to the mean of the previous round's
+    honest updates, which an omniscient attacker sees (as for :class:`ConstrainAndScale`), and in
+    the very first round to this round's; ``reference="current"`` always uses the mean of this
+    round's honest updates.
     :meth:`project` takes any reference (e.g. the true previous aggregate, in a loop of one's own).
 
     The paper projects every local gradient step; here the finished update is projected once
@@ -189,13 +191,19 @@ class Neurotoxin(BackdoorPoisoning):
         self.last_mask = m
         return update.masked_fill(m, 0.0)
 
-    def rescale(self, own: torch.Tensor, honest: torch.Tensor) -> torch.Tensor:
-        """The attackers' updates ``own`` ``(b, d)``, boosted and projected (see the class docstring)."""
+    def rescale(self, own: torch.Tensor, honest: torch.Tensor, previous_step: torch.Tensor | None = None) -> torch.Tensor:
+        """The attackers' updates ``own`` ``(b, d)``, boosted and projected (see the class docstring);
+        ``previous_step`` ``(d,)``: the global update of the previous round, the paper's reference."""
         if own.ndim != 2 or honest.ndim != 2 or (len(honest) and own.shape[1] != honest.shape[1]):
             raise ValueError(f"own and honest must be (b, d) and (h, d), got {tuple(own.shape)}, {tuple(honest.shape)}")
+        if previous_step is not None and (previous_step.ndim != 1 or previous_step.shape[0] != own.shape[1]):
+            raise ValueError(f"previous_step must be ({own.shape[1]},), got {tuple(previous_step.shape)}")
         x = own.to(compute_dtype(own.dtype)) * self.boost
         current = honest.to(x.dtype).mean(dim=0) if len(honest) else None
-        ref = self._previous if self.reference == "previous" and self._previous is not None else current
+        if self.reference == "previous" and previous_step is not None:
+            ref = previous_step.to(x.dtype)
+        else:
+            ref = self._previous if self.reference == "previous" and self._previous is not None else current
         if current is not None:
             self._previous = current.detach().clone()
         if ref is None:
