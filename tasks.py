@@ -199,7 +199,8 @@ def test(args: list[str]) -> int:
         started = time.perf_counter()
 
         def unit_tests() -> int:
-            cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", *args]
+            # --durations: the unit suite is the longest single item of this command; every log says where it goes.
+            cmd = [*pytest, "tests", "--ignore", "tests/test_site.py", "--durations=15", *args]
             print("+", " ".join(map(str, cmd)), flush=True)
             rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
             print(f"[tasks.py] unit tests: exit code {rc} after {time.perf_counter() - started:.0f} s", flush=True)
