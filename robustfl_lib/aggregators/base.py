@@ -212,7 +212,7 @@ class Pipeline(RobustAggregator):
     a weighted average), ``"selected"`` the clients of the selected rows, and
     ``"scores"``/``"kept_fraction"`` give each client the value of the row it weighs most in.
     Sample counts (``weights``) do not reach the rule after regrouping. Chapter
-    ``08_stronger_aggregators``; bucketing and ARC: (to come, issue 14).
+    ``08_stronger_aggregators``; bucketing and ARC: ``15_heterogeneity_and_its_fixes``.
     """
 
     def __init__(self, *steps: PreAggregator | Aggregator):

@@ -10,7 +10,7 @@ attacker who optimises against the rule cannot know in advance where it will loo
 * :class:`SignGuard`: the updates whose norm or whose mix of signs is unlike the majority's
   (Xu et al. 2022).
 
-Both are taught in chapter 12 (optimising attacks and the filters that answer them).
+Both are taught in chapter ``16_optimising_attacks``.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ class DnC(RobustAggregator):
     ``["weights"]``: each row's weight in the output; ``["scores"]``: per row, its largest score
     over the iterations; ``["iterations"]``; ``["empty_intersection"]``. Cost: per iteration one
     gather of ``(n, b)`` coordinates and one ``(n, n)`` eigendecomposition, then one pass over the
-    updates for the mean; :math:`O(n b)` extra memory. Taught in chapter 12 (optimising attacks and
-    the filters that answer them).
+    updates for the mean; :math:`O(n b)` extra memory. Taught in chapter
+    ``16_optimising_attacks``.
     """
 
     def __init__(self, f: int, niters: int = 5, c: float = 1.0, b: int = 10_000, weighted: bool = False,
@@ -286,7 +286,7 @@ class SignGuard(RobustAggregator):
     ``["clusters"]``; ``["fallback"]``. Cost: one pass for the norms, one over the block for the
     signs (counted by NumPy on the CPU), one for the output; the clustering works on ``n`` points in
     3 dimensions, whatever ``d`` (about 10 ms for mean shift at ``n = 50``, 5 ms for DBSCAN, on one
-    core). Taught in chapter 12 (optimising attacks and the filters that answer them).
+    core). Taught in chapter ``16_optimising_attacks``.
     """
 
     def __init__(self, lower: float = 0.1, upper: float = 3.0, fraction: float = 0.1,

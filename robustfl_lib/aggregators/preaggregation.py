@@ -9,7 +9,7 @@
 Compose them with any aggregator through :class:`robustfl_lib.aggregators.Pipeline`
 (``Pipeline(NNM(f), Krum(f))``, or ``get_aggregator("nnm+krum", f=f)``, ``"bucketing+cc"``,
 ``"arc+nnm+trimmed_mean"``). NNM and Clipping are taught in chapter ``08_stronger_aggregators``;
-ARC and Bucketing in chapter: (to come, issue 14).
+ARC and Bucketing in chapter ``15_heterogeneity_and_its_fixes``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class Bucketing(PreAggregator):
     from torch's global generator. Its state is saved and restored by the FL checkpoints (as for
     every generator an aggregator holds). Costs one pass over the updates (sums by bucket).
     Returns ``(m, d)``, not ``(n, d)``: inside a :class:`~robustfl_lib.aggregators.Pipeline`, the
-    rule's ``last_info`` is mapped back to clients (see there). Taught in chapter: (to come, issue 14).
+    rule's ``last_info`` is mapped back to clients (see there). Taught in chapter ``15_heterogeneity_and_its_fixes``.
     """
 
     regroups = True
@@ -223,7 +223,7 @@ class ARC(PreAggregator):
     than the honest ones is clipped. ``k`` is computed in integer arithmetic (ByzFL's floating
     :math:`2f/n \cdot (n-f)` can round an integer down). Norms tied with the threshold are not
     shrunk, so ties clip fewer than ``k``. ``f = 0`` is the identity. Requires :math:`n > 2f`.
-    One pass for the norms, one for the scaling. Taught in chapter: (to come, issue 14).
+    One pass for the norms, one for the scaling. Taught in chapter ``15_heterogeneity_and_its_fixes``.
     """
 
     def __init__(self, f: int):

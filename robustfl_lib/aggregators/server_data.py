@@ -7,8 +7,7 @@ that majority: it trains its own update each round and trusts each client as far
 with it. The protocol changes (the server trains too), so the FL loop gives such a rule the server's
 update: :func:`~robustfl_lib.federated.run_federated` with ``FLConfig.server_root_size > 0`` holds that
 many training samples out for the server and passes its update as ``reference=`` to a rule whose
-``needs_server_update`` is ``True``. Taught in chapter 12 (optimising attacks and the rules that answer
-them: FLTrust's trust bootstrapping and its root-data assumption).
+``needs_server_update`` is ``True``. Not yet taught in a chapter (chapter ``16_optimising_attacks`` names it as the next subject).
 """
 
 from __future__ import annotations

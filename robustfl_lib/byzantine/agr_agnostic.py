@@ -1,6 +1,5 @@
 """Attacks that optimise against robust aggregation without knowing the rule (AGR-agnostic):
-Min-Max and Min-Sum (Shejwalkar & Houmansadr 2021). Chapter ``12_exercise_adaptive_attacks``
-(chapter 12).
+Min-Max and Min-Sum (Shejwalkar & Houmansadr 2021). Chapter ``16_optimising_attacks``.
 """
 
 from __future__ import annotations
@@ -137,7 +136,7 @@ class MinMax(_AgrAgnostic):
     interval containing 0 and bisection finds its right end. ``last_scale`` holds
     :math:`\gamma^\star`. Sample counts (``weights``) are ignored: the constraint is on
     distances, which they do not change, and the paper's :math:`\bar u` is unweighted.
-    Chapter ``12_exercise_adaptive_attacks``.
+    Chapter ``16_optimising_attacks``.
     """
 
     def _constraint(self, c, b, a, dist):
@@ -161,7 +160,7 @@ class MinSum(_AgrAgnostic):
     the bisection (``tol``, :meth:`search`), ``last_scale`` and the weights are as in
     :class:`MinMax`; the constraint is :math:`\sum_i (c_i - 2\gamma b_i) + n_h\gamma^2\|p\|^2
     \le S`, whose :math:`\sum_i b_i` vanishes for the plain mean, and the bracket starts at
-    :math:`[0, 2\sqrt{S/(n_h\|p\|^2)}]`. Chapter ``12_exercise_adaptive_attacks``.
+    :math:`[0, 2\sqrt{S/(n_h\|p\|^2)}]`. Chapter ``16_optimising_attacks``.
     """
 
     def _constraint(self, c, b, a, dist):

@@ -11,7 +11,7 @@ aggregate lies farthest from the honest mean. Its subclasses are parametrisation
 * :class:`OptimalIPM`: IPM's :math:`-\\epsilon\\bar u` with :math:`\\epsilon` searched (ByzFL's
   ``Optimal_InnerProductManipulation``).
 
-Chapter ``12_exercise_adaptive_attacks`` (chapter 12).
+Chapters ``12_exercise_adaptive_attacks`` (the tuned attack) and ``16_optimising_attacks`` (optimal ALIE).
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ class OptimalALIE(ScaleSearch):
     small, and the mean, which wants it large) and the sign is ALIE's. Without the server's
     weights, :math:`u(z^\star)` is bitwise ``ALIE(z=last_scale)``'s; with them :math:`\bar u` is
     the weighted honest mean (see :class:`ScaleSearch`) and :math:`\sigma` stays unweighted.
-    Chapter ``12_exercise_adaptive_attacks``.
+    Chapter ``16_optimising_attacks``.
     """
 
     def grid(self, num_honest, num_byzantine):
@@ -284,7 +284,7 @@ class OptimalIPM(ScaleSearch):
     searches the same objective by a step-doubling then contracting line search from 0.
     Without the server's weights :math:`u(\epsilon^\star)` equals ``IPM(epsilon=last_scale)``'s
     update; with them :math:`\bar u` is the weighted honest mean (see :class:`ScaleSearch`).
-    Chapter ``12_exercise_adaptive_attacks``.
+    Chapter ``16_optimising_attacks``.
     """
 
     def line(self, h, weights):

@@ -1,6 +1,6 @@
 """Full-knowledge attacks crafted for one rule (Fang et al. 2020): the attack on the trimmed mean
 and the median (:class:`FangTrimmedMean`) and the attack on Krum (:class:`FangKrum`). Chapter
-``12_exercise_adaptive_attacks`` (chapter 12).
+``16_optimising_attacks``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class FangTrimmedMean(ByzantineAttack):
     local models; here on updates (deltas), where :math:`w` are the honest updates' coordinates.
     Draws are independent across clients and coordinates, from ``generator`` (or, without one,
     from a CPU generator seeded with ``seed``: the same draws every call). Sample counts are
-    ignored: the rules it targets count every client once. Chapter ``12_exercise_adaptive_attacks``.
+    ignored: the rules it targets count every client once. Chapter ``16_optimising_attacks``.
     """
 
     def __init__(self, b: float = 2.0, seed: int = 0):
@@ -109,7 +109,7 @@ class FangKrum(ByzantineAttack):
     those selected). Needs
     :math:`n > 2c + 1` (``ValueError``). ``last_scale`` holds the :math:`\lambda` sent and
     ``last_selected`` whether the rule selected it. Sample counts are ignored (Krum ignores them).
-    Chapter ``12_exercise_adaptive_attacks``.
+    Chapter ``16_optimising_attacks``.
     """
 
     def __init__(self, f: int | None = None, epsilon: float = 1e-3, threshold: float = 1e-5,

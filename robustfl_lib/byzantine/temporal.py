@@ -1,6 +1,6 @@
 """Attacks coupled over rounds: a small bias in one fixed direction, hidden in each round's honest
-spread, that adds up over training (:class:`TimeCoupled`). Chapter ``12_exercise_adaptive_attacks``
-(chapter 12); worker momentum is the defence it is meant for.
+spread, that adds up over training (:class:`TimeCoupled`). Chapter
+``15_heterogeneity_and_its_fixes`` runs it against worker momentum, the defence it is meant for.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TimeCoupled(ByzantineAttack):
     State (a learned :math:`v`): :meth:`reset` forgets it (the FL engine calls it when a run
     starts), :meth:`get_state` / :meth:`set_state` save and restore it (a float64 CPU tensor or
     ``None``) for checkpoints, so a resumed run sends bitwise the same updates; :attr:`direction_vector`
-    is :math:`v` (``None`` before it is set). Chapter ``12_exercise_adaptive_attacks``.
+    is :math:`v` (``None`` before it is set). Chapter ``15_heterogeneity_and_its_fixes``.
     """
 
     _STATE_KEYS = frozenset({"v"})

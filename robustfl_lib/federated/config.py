@@ -44,7 +44,7 @@ class FLConfig:
     :math:`g_i^t` (:class:`~robustfl_lib.federated.WorkerMomentum`, whose docstring gives
     the convention and the initial :math:`m_i^0`, set by ``client_momentum_init``);
     ``client_momentum=0`` is off and bitwise today's engine. Chapter
-    ``08_stronger_aggregators`` pairs it with centred clipping.
+    ``15_heterogeneity_and_its_fixes`` pairs it with stateful centred clipping.
 
     Attack schedule: ``attack_rounds=(first, last)`` makes the Byzantine clients attack in
     rounds ``first..last`` only (rounds count from 1); in the other rounds they train honestly

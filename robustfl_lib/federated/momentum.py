@@ -46,7 +46,7 @@ class WorkerMomentum:
     / ``reset`` carry them through checkpoints (:mod:`robustfl_lib.checkpoint`).
     ``beta = 0`` returns the updates themselves. Used by
     :func:`~robustfl_lib.federated.run_federated` when ``FLConfig.client_momentum > 0``;
-    chapter ``08_stronger_aggregators``.
+    chapter ``15_heterogeneity_and_its_fixes`` (``08_stronger_aggregators`` states the guarantee).
     """
 
     def __init__(self, beta: float, num_clients: int, init: str = "zero"):
