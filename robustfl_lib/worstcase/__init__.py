@@ -54,7 +54,7 @@ Modules: :mod:`~robustfl_lib.worstcase.config` (the TOML/dict config, validated,
 of runs), :mod:`~robustfl_lib.worstcase.run` (the validation split and the lock-step runs),
 :mod:`~robustfl_lib.worstcase.result` (rows, per-cell choice and estimate, CSV, table, heatmap).
 
-Chapter: the worst-case benchmark chapter (to be written). Command line:
+Chapter: ``17_which_rule`` (which rule should I use? the worst-case benchmark). Command line:
 ``python -m robustfl_lib worst-case --config benchmarks/worstcase_demo.toml --out results.csv``.
 """
 

@@ -76,8 +76,7 @@ def worst_case_benchmark(config: str | os.PathLike | Mapping[str, Any] | WorstCa
     (:data:`robustfl_lib.federated.GRID_VARIABLE`) run together: per heterogeneity level and
     rule, every fraction, setting of the rule's own parameters, attack and seed, one grid per
     distinct value of the other settings (e.g. per learning rate). ``progress`` shows a tqdm
-    bar over the runs. Returns a :class:`WorstCaseResult`. Chapter: the worst-case benchmark
-    chapter (to be written).
+    bar over the runs. Returns a :class:`WorstCaseResult`. Chapter: ``17_which_rule``.
     """
     if not isinstance(config, WorstCaseConfig):
         config = load_worst_case_config(config, full=full, base_seed=base_seed)
