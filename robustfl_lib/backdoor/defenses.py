@@ -74,10 +74,10 @@ class FLAME(RobustAggregator):
     ``lam`` :math:`= \lambda = 0.001` by default, the value the paper uses for its image
     classification tasks.
 
-    **Models or updates.** The paper clusters the local *models* :math:`p_i = W_i`. The FL loop
-    gives an aggregator the updates only, so by default :math:`p_i = u_i`; pass the global model's
-    flat weights as ``flame(updates, global_model=g)`` to cluster :math:`p_i = g + u_i`, the paper's
-    choice (the clipping and the noise are the same either way, both measured on the updates).
+    **Models or updates.** The paper clusters the local *models* :math:`p_i = W_i`. Called on
+    updates alone, :math:`p_i = u_i`; with the global model's flat weights,
+    ``flame(updates, global_model=g)`` clusters :math:`p_i = g + u_i`, the paper's choice, and the FL
+    loop (:func:`~robustfl_lib.run_federated`, the Flower strategy) passes them (the clipping and the noise are the same either way, both measured on the updates).
     The two differ: the models share :math:`G_{t-1}`, which dominates their cosines, so their
     distances are small and scaled by :math:`\|G_{t-1}\|`; the updates' cosines compare the
     directions the clients moved in. Distances are computed in float64 from unit vectors
@@ -190,8 +190,8 @@ class FoolsGold(RobustAggregator):
     important features (not implemented).
 
     **Client ids.** The history needs to know which client sent which row: call
-    ``foolsgold(updates, client_ids=ids)``. The FL loop (:func:`~robustfl_lib.run_federated`)
-    does not pass ids to aggregators today; without them, row :math:`i` is taken to be client
+    ``foolsgold(updates, client_ids=ids)``. The FL loop (:func:`~robustfl_lib.run_federated`, and
+    the Flower strategy) passes the participants' ids; called without them, row :math:`i` is taken to be client
     :math:`i` every round, which is right for full participation without dropout (every client,
     every round, in client order: the default ``FLConfig``) and wrong otherwise, so a call without
     ids whose number of rows differs from the previous one's raises ``ValueError``. Only the
