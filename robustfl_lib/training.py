@@ -132,6 +132,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def mixed_adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack, mix: float) -> torch.Tensor:
+    """``(1 - mix) * CE(model(x), y) + mix * CE(model(attack(model, x, y)), y)``, the loss of
+    :func:`adversarial_train` on one batch: ``mix=0`` never calls the attack, ``mix=1`` uses only
+    the adversarial batch, and in between the clean and adversarial halves go through the model as
+    one batch. Shared by :func:`adversarial_train` and the federated clients' local steps."""
+    if mix == 0.0:
+        return F.cross_entropy(model(x), y)
+    x_adv = attack(model, x, y)
+    if mix == 1.0:
+        return F.cross_entropy(model(x_adv), y)
+    losses = F.cross_entropy(model(torch.cat([x, x_adv])), torch.cat([y, y]), reduction="none")
+    clean, adv = losses.split(len(y))
+    return (1.0 - mix) * clean.mean() + mix * adv.mean()
+
+
 def adversarial_train(
     model: nn.Module,
     x: torch.Tensor,
@@ -188,14 +203,7 @@ def adversarial_train(
         atk = attack
         if seen < warmup_batches:
             atk = attack.scaled(seen / warmup_batches)
-        if mix == 0.0:
-            return F.cross_entropy(m(xb), yb)
-        x_adv = atk(m, xb, yb)
-        if mix == 1.0:
-            return F.cross_entropy(m(x_adv), yb)
-        losses = F.cross_entropy(m(torch.cat([xb, x_adv])), torch.cat([yb, yb]), reduction="none")
-        clean, adv = losses.split(len(yb))
-        return (1.0 - mix) * clean.mean() + mix * adv.mean()
+        return mixed_adversarial_loss(m, xb, yb, atk, mix)
 
     return train(
         model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,

@@ -25,7 +25,7 @@ from ..byzantine import DataPoisoning
 from ..data import Dataset
 from ..params import flatten_state
 from ..runtime import make_generator
-from ..training import adversarial_train, train
+from ..training import adversarial_train, mixed_adversarial_loss, train
 from ..vectorized import StackedModel, step_minibatches, train_stacked
 from .config import FLConfig
 from .hooks import accepts_keyword
@@ -110,14 +110,7 @@ def adversarial_client_update(
     mix = config.adv_mix
 
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if mix == 0.0:
-            return F.cross_entropy(m(xb), yb)
-        x_adv = attack(m, xb, yb)
-        if mix == 1.0:
-            return F.cross_entropy(m(x_adv), yb)
-        losses = F.cross_entropy(m(torch.cat([xb, x_adv])), torch.cat([yb, yb]), reduction="none")
-        clean, adv = losses.split(len(yb))
-        return (1.0 - mix) * clean.mean() + mix * adv.mean()
+        return mixed_adversarial_loss(m, xb, yb, attack, mix)
 
     _sgd_steps(model, x, y, config, generator, loss_fn)
 
