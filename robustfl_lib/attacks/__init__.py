@@ -1,7 +1,18 @@
-"""Attacks on a model's inputs (adversarial examples); see :mod:`robustfl_lib.attacks.base`."""
+"""Attacks on a model's inputs: adversarial examples. Taught in chapters ``01_adversarial_examples``
+and ``02_adversarial_training``.
 
+Every attack is an object configured once and called as ``attack(model, x, y) -> x_adv`` under the
+contract of :mod:`.base` (eps-ball and bounds kept, model mode and parameter flags restored, any
+device and input shape). The modules:
+
+* :mod:`.base`: :class:`InputAttack`, :func:`attack_mode`, the losses (CE, CW margin, DLR),
+  :func:`linf_bounds` and the checks;
+* :mod:`.gradient`: :class:`FGSM` (Goodfellow et al. 2015), :class:`PGD` (Madry et al. 2018);
+* :mod:`.ensemble`: :class:`WorstCaseEnsemble`, a teaching ensemble (not AutoAttack).
+"""
+
+from . import base, ensemble, gradient
 from .base import *  # noqa: F401,F403
-from .base import __all__  # noqa: F401
 from .base import (  # noqa: F401  (private helpers that were importable from robustfl_lib.attacks)
     Forward,
     _channels_last_forward,
@@ -16,3 +27,7 @@ from .base import (  # noqa: F401  (private helpers that were importable from ro
     _two_sum_error,
     _use_channels_last,
 )
+from .ensemble import *  # noqa: F401,F403
+from .gradient import *  # noqa: F401,F403
+
+__all__ = [*base.__all__, *gradient.__all__, *ensemble.__all__]
