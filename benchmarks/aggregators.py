@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import robustfl_lib as rfl  # noqa: E402
+from robustfl_lib.peers import import_byzfl  # noqa: E402
 
 GOAL_KRUM_SPEEDUP = 5.0
 GOAL_KRUM_VS_GRAM = 1.5
@@ -180,10 +181,7 @@ F_SUBSET = 3  # MDA and SMEA search C(n, f) subsets: C(50, 3) = 19,600
 
 def issue14_rules(n: int, d: int, f: int) -> dict[str, tuple[Callable, Callable | None, str]]:
     """name -> (ours, ByzFL's rule or None, its name): ByzFL's only when ``byzfl`` is installed."""
-    try:
-        import byzfl  # noqa: F401
-    except ImportError:
-        byzfl = None
+    byzfl = import_byzfl()
 
     def theirs(make):
         if byzfl is None:
