@@ -477,3 +477,29 @@ def test_against_byzfl_when_installed():
     torch.testing.assert_close(ARC(f)(x), theirs(byzfl.ARC(f=f), x), rtol=1e-5, atol=1e-3)
     ours = Bucketing(1, generator=torch.Generator().manual_seed(0))(x)  # s = 1: the same rows, shuffled
     assert sorted(map(tuple, ours.tolist())) == sorted(map(tuple, theirs(byzfl.Bucketing(s=1), x).tolist()))
+
+
+@pytest.mark.parametrize("n,f,d,seed", [(7, 1, 4, 1), (10, 3, 12, 2), (12, 2, 30, 3)])
+def test_deterministic_rules_equal_byzfl_on_random_inputs(n, f, d, seed):
+    byzfl = import_byzfl()
+    if byzfl is None:
+        pytest.skip("byzfl is not installed")
+    x = _x(n, d, seed, dtype=torch.float32)
+    x[:f] = 3.0 * x[:f] + 2.0  # f displaced rows, so that the choice of subset matters
+
+    def theirs(rule):
+        return torch.as_tensor(np.asarray(rule(x.numpy().copy())), dtype=torch.float32)
+
+    for their_rule, ours in [(byzfl.MDA(f=f), MDA(f)), (byzfl.MoNNA(f=f, idx=n - 1), MoNNA(f, idx=n - 1)),
+                             (byzfl.Meamed(f=f), Meamed(f))]:
+        torch.testing.assert_close(ours(x), theirs(their_rule), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_attacks_equal_byzfl():
+    byzfl = import_byzfl()
+    if byzfl is None:
+        pytest.skip("byzfl is not installed")
+    h = _x(9, 6, 5)
+    torch.testing.assert_close(rfl.SignFlip()(h, 2)[0], torch.as_tensor(byzfl.SignFlipping()(h.numpy().copy())))
+    theirs = torch.as_tensor(byzfl.InnerProductManipulation(tau=2.0)(h.numpy().copy()))
+    torch.testing.assert_close(rfl.IPM(epsilon=2.0)(h, 2)[0], theirs)
