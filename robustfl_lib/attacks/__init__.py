@@ -8,10 +8,12 @@ device and input shape). The modules:
 * :mod:`.base`: :class:`InputAttack`, :func:`attack_mode`, the losses (CE, CW margin, DLR),
   :func:`linf_bounds` and the checks;
 * :mod:`.gradient`: :class:`FGSM` (Goodfellow et al. 2015), :class:`PGD` (Madry et al. 2018);
+* :mod:`.apgd`: :class:`APGD` (Croce & Hein 2020), APGD-CE, APGD-DLR and APGD-T;
 * :mod:`.ensemble`: :class:`WorstCaseEnsemble`, a teaching ensemble (not AutoAttack).
 """
 
-from . import base, ensemble, gradient
+from . import apgd, base, ensemble, gradient
+from .apgd import *  # noqa: F401,F403
 from .base import *  # noqa: F401,F403
 from .base import (  # noqa: F401  (private helpers that were importable from robustfl_lib.attacks)
     Forward,
@@ -30,4 +32,4 @@ from .base import (  # noqa: F401  (private helpers that were importable from ro
 from .ensemble import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 
-__all__ = [*base.__all__, *gradient.__all__, *ensemble.__all__]
+__all__ = [*base.__all__, *gradient.__all__, *apgd.__all__, *ensemble.__all__]

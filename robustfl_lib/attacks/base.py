@@ -39,6 +39,7 @@ from torch import nn
 __all__ = [
     "InputAttack",
     "attack_loss",
+    "targeted_dlr_loss",
     "logit_margin",
     "attack_mode",
     "linf_bounds",
@@ -92,6 +93,24 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torc
         top = logits.topk(3, dim=1).values
         return logit_margin(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
     raise ValueError(f"unknown attack loss {loss!r}; choose one of {ATTACK_LOSSES}")
+
+
+def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""Targeted Difference of Logits Ratio (Croce & Hein 2020, "Reliable evaluation of adversarial
+    robustness with an ensemble of diverse parameter-free attacks", ICML), the loss of APGD-T:
+
+    .. math::  \mathrm{DLR}_t(z, y) = -\frac{z_y - z_t}{z_{\pi_1} - (z_{\pi_3} + z_{\pi_4}) / 2 + 10^{-12}}
+
+    with :math:`z_{\pi_1} \ge z_{\pi_2} \ge \dots` the sorted logits. Maximizing it pushes the
+    target ``t`` above the true class ``y``; like DLR it is invariant to shifting and positive
+    rescaling of the logits. Needs at least 4 classes. Chapter ``01_adversarial_examples``.
+    """
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+    top = logits.topk(4, dim=1).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return (z_t - z_y) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -231,6 +250,47 @@ def _use_channels_last(model: nn.Module, x: torch.Tensor, setting: bool | None) 
     # Auto: on a CPU, for image batches through a model with 2-D convolutions. Not on CUDA,
     # where cuDNN's choice for float32 is left as it is (and was not measured here).
     return x.ndim == 4 and x.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """A fresh generator seeded with ``seed`` (same call, same draws), else ``generator`` itself."""
+    if seed is not None:
+        return torch.Generator().manual_seed(int(seed))
+    return generator
+
+
+def _check_seed(seed: int | None, generator: torch.Generator | None) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+
+
+def _draw(kind: str, shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) or standard normal draws shaped ``shape``, dtype and device of ``like``.
+
+    Drawn on the generator's device (CPU by default) and moved, so one seed gives the same numbers
+    on every device."""
+    device = gen.device if gen is not None else like.device
+    draw = torch.rand if kind == "uniform" else torch.randn
+    return draw(shape, generator=gen, device=device, dtype=like.dtype).to(like.device)
+
+
+def _project_l2(v: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
+    """``v`` projected onto the l2 eps-ball around ``x``, then clipped to ``bounds`` (in place).
+
+    For ``x`` inside the box, clipping only moves coordinates towards ``x``, so the result stays
+    in the ball."""
+    delta = v.sub_(x)
+    delta.mul_(_per_example((eps / _l2_norms(delta).clamp_min(1e-12)).clamp_(max=1.0), delta))
+    return delta.add_(x).clamp_(*bounds)
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 class InputAttack:
