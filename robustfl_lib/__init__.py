@@ -8,6 +8,7 @@ from .aggregators import *  # noqa: F401,F403
 from .attacks import *  # noqa: F401,F403
 from .backdoor import *  # noqa: F401,F403
 from .byzantine import *  # noqa: F401,F403
+from .certified import *  # noqa: F401,F403
 from .checkpoint import *  # noqa: F401,F403
 from .comparison import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
