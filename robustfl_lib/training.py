@@ -5,19 +5,26 @@
   warm-up (Goodfellow et al. 2015; Madry et al. 2018; chapter ``02_adversarial_training``).
 * :func:`evaluate`: clean accuracy, and robust accuracy under an input attack
   (chapter ``01_adversarial_examples``).
+* :class:`TRADES` (Zhang et al. 2019), a loss for :func:`train`'s ``loss_fn`` hook, and
+  :class:`FastFGSM` (Wong et al. 2020), an attack for :func:`adversarial_train`: adversarial
+  training as practised (chapter ``02_adversarial_training``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["train", "adversarial_train", "evaluate", "accuracy", "iterate_minibatches", "DIGITS_RECIPE"]
+from .attacks import PGD, attack_mode, linf_bounds
+
+__all__ = ["train", "adversarial_train", "evaluate", "accuracy", "iterate_minibatches", "DIGITS_RECIPE",
+           "TRADES", "FastFGSM", "trades_objective", "kl_divergence"]
 
 #: The digits recipe behind the book's adversarial-training numbers (chapter ``02_adversarial_training``,
 #: ``benchmarks/adversarial_targets.py``): ``MLP(hidden=(256, 256))``, plain SGD with a cosine learning
@@ -252,3 +259,136 @@ def evaluate(
         "clean_accuracy": clean_ok / len(x),
         "robust_accuracy": robust_ok / len(x) if attack is not None else None,
     }
+
+
+# --------------------------------------------------------------------------- adversarial training as practised
+
+
+@dataclass(frozen=True)
+class FastFGSM(PGD):
+    """FGSM with a random start, the attack of "fast" adversarial training (Wong, Rice & Kolter
+    2020 ICLR, "Fast is better than free: revisiting adversarial training").
+
+    .. math::  x_0 = \\mathrm{clip}_{B}(x + \\delta),\\ \\delta \\sim U[-\\epsilon, \\epsilon]^d; \\qquad
+               x_{adv} = \\mathrm{clip}_{B}\\big(x_0 + \\alpha\\, \\mathrm{sign}(\\nabla_x L(f(x_0), y))\\big),
+
+    with :math:`B` the linf ball intersected with ``[0, 1]`` and :math:`\\alpha = 1.25\\epsilon` by
+    default (the paper's choice; with larger steps, 2 eps, its CIFAR-10 runs overfit catastrophically). It is
+    one step of :class:`~robustfl_lib.attacks.PGD` with a random start, so it shares PGD's contract
+    (ball, modes, ``seed``/``generator``). Fast adversarial training is
+    ``adversarial_train(model, x, y, FastFGSM(eps, generator=g), mix=1.0)``. Chapter
+    ``02_adversarial_training``.
+    """
+
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.alpha is None and isinstance(self.eps, (int, float)) and self.eps > 0:
+            object.__setattr__(self, "alpha", 1.25 * self.eps)
+        super().__post_init__()
+        if self.steps != 1 or self.norm != "linf" or not self.random_start or self.restarts != 1:
+            raise ValueError("FastFGSM is one linf step from a random start (steps=1, norm='linf', "
+                             "random_start=True, restarts=1); use PGD for anything else")
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-sample :math:`\\mathrm{KL}(p \\,\\|\\, q) = \\sum_k p_k (\\log p_k - \\log q_k)` of the softmaxes of two
+    logit batches (N, K) -> (N,)."""
+    return F.kl_div(F.log_softmax(logits_q, dim=1), F.log_softmax(logits_p, dim=1), reduction="none",
+                    log_target=True).sum(dim=1)
+
+
+def trades_objective(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """Per-sample TRADES loss :math:`\\mathrm{CE}(f(x), y) + \\beta\\, \\mathrm{KL}(f(x) \\,\\|\\, f(x'))`
+    (:class:`TRADES`)."""
+    return F.cross_entropy(logits_clean, y, reduction="none") + beta * kl_divergence(logits_clean, logits_adv)
+
+
+@dataclass(frozen=True)
+class TRADES:
+    """The TRADES loss (Zhang et al. 2019 ICML, "Theoretically principled trade-off between
+    robustness and accuracy"), a ``loss_fn(model, x, y)`` for :func:`train`:
+
+    .. math::  \\mathrm{CE}(f(x), y) + \\beta\\, \\mathrm{KL}\\big(f(x) \\,\\|\\, f(x')\\big), \\qquad
+               x' \\approx \\arg\\max_{x' \\in B} \\mathrm{KL}\\big(f(x) \\,\\|\\, f(x')\\big),
+
+    :math:`f` the softmax output and :math:`B` the linf eps-ball intersected with ``[0, 1]``. The
+    inner maximisation is the paper's: start at :math:`x + 0.001\\,\\mathcal N(0, I)` (here clipped to
+    :math:`B`; the KL and its gradient vanish at :math:`x' = x`), then ``steps`` sign-gradient steps of
+    size ``alpha`` (default ``2.5 * eps / steps``, as :class:`~robustfl_lib.attacks.PGD`), each
+    projected onto :math:`B`, with the model in eval mode and :math:`f(x)` held fixed. The loss then
+    differentiates both terms, :math:`f(x)` included, as the reference implementation does.
+    ``beta=6`` is the paper's choice; ``beta=0`` is plain cross-entropy (the inner maximisation is
+    skipped). Randomness: ``seed`` (same call, same start) or ``generator``, never the global RNG
+    unless neither is given. Chapter ``02_adversarial_training``:
+    ``train(model, x, y, loss_fn=TRADES(0.1, generator=g))``.
+    """
+
+    eps: float
+    beta: float = 6.0
+    steps: int = 10
+    alpha: float | None = None
+    start_std: float = 0.001
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) \
+                or self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta) \
+                or self.beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not self.start_std >= 0:
+            raise ValueError(f"start_std must be >= 0, got {self.start_std!r}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2.5 * self.eps / self.steps)
+        elif not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha (the step size) must be > 0, got {self.alpha!r}")
+
+    def scaled(self, factor: float) -> TRADES:
+        """A copy with eps and the step size multiplied by ``factor`` (eps warm-ups)."""
+        return replace(self, eps=self.eps * factor, alpha=self.alpha * factor)
+
+    def _generator(self) -> torch.Generator | None:
+        return torch.Generator().manual_seed(int(self.seed)) if self.seed is not None else self.generator
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        device = gen.device if gen is not None else x.device
+        noise = torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype).to(x.device)
+        return x + self.start_std * noise
+
+    def perturb(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The inner maximisation: :math:`x'` in the ball, approximately maximising the KL."""
+        if x.numel() and (x.min() < self.bounds[0] or x.max() > self.bounds[1]):
+            raise ValueError(f"x must lie in bounds {self.bounds} (inputs scaled to [0, 1])")
+        x = x.detach()
+        if self.eps == 0 or x.shape[0] == 0:
+            return x.clone()
+        with attack_mode(model), torch.enable_grad():
+            with torch.no_grad():
+                clean = model(x)
+            lo, hi = linf_bounds(x, self.eps, self.bounds)
+            x_adv = self._start(x, self._generator()).clamp_(lo, hi).requires_grad_(True)
+            for _ in range(self.steps):
+                (grad,) = torch.autograd.grad(kl_divergence(clean, model(x_adv)).sum(), x_adv)
+                with torch.no_grad():
+                    x_adv.add_(grad.sign_(), alpha=self.alpha).clamp_(lo, hi)
+        return x_adv.detach()
+
+    def sample_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    attack_model: nn.Module | None = None) -> torch.Tensor:
+        """Per-sample TRADES loss (N,); ``attack_model`` (default ``model``) runs the inner maximisation."""
+        if self.beta == 0:
+            return F.cross_entropy(model(x), y, reduction="none")
+        x_adv = self.perturb(model if attack_model is None else attack_model, x)
+        return trades_objective(model(x), model(x_adv), y, self.beta)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.sample_loss(model, x, y).mean()
