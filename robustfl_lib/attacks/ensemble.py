@@ -22,17 +22,23 @@ __all__ = ["WorstCaseEnsemble"]
 
 @dataclass(frozen=True)
 class WorstCaseEnsemble(InputAttack):
-    """Per example, the worst case over several attacks (and over ``x`` itself).
+    """A teaching ensemble: per example, the worst case over several attacks (and over ``x`` itself).
 
     The first attack runs on the whole batch; each later one on the examples that no earlier
     attack (nor the clean input) has misclassified. Per example the candidate with the largest
     :func:`logit_margin` ``max_{j != y} z_j - z_y`` is kept, so the ensemble's accuracy is at
     most its first member's (same seed), and at most what any member achieves on its own
-    candidates.
+    candidates: robust accuracy :math:`\frac1n \sum_i 1[\forall a: f(a(x_i)) = y_i]`.
     Use :meth:`standard` for PGD with restarts on cross-entropy, PGD on the DLR margin loss
-    (Croce & Hein 2020) and FGSM. This is a per-example worst case over a few cheap attacks in
-    the spirit of AutoAttack, not AutoAttack itself. Chapter ``02_adversarial_training``
-    evaluates the defended models with it.
+    (Croce & Hein 2020) and FGSM.
+
+    What it is not: AutoAttack (Croce & Hein 2020, "Reliable evaluation of adversarial
+    robustness with an ensemble of diverse parameter-free attacks"). It borrows AutoAttack's idea
+    (a per-example worst case over diverse attacks, the DLR loss) but has no APGD step-size
+    schedule, no targeted attack, no FAB and no black-box Square attack, so it can overestimate
+    robustness where AutoAttack does not; :class:`~robustfl_lib.attacks.autoattack.AutoAttack` is
+    the book's strongest evaluation. Chapter ``02_adversarial_training`` uses this ensemble to
+    teach the per-example worst case; chapters ``09`` and ``13`` evaluated with it.
     """
 
     attacks: tuple[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], ...]
