@@ -69,12 +69,10 @@ def test_ibp_training_raises_verified_accuracy(models, split):
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 @pytest.mark.parametrize("eps", [0.05, 0.1])
 def test_no_attack_breaks_a_verified_point(models, split, method, eps):
-    """Verified implies robust, point by point, under PGD with restarts and the worst-case ensemble
-    (and AutoAttack when the library has it), so verified accuracy <= robust accuracy."""
+    """Verified implies robust, point by point, under PGD with restarts and the worst-case ensemble,
+    so verified accuracy <= robust accuracy."""
     _, _, xt, yt = split
     attacks = [PGD(eps, steps=20, restarts=2, seed=0), WorstCaseEnsemble.standard(eps, steps=20, restarts=1)]
-    if hasattr(rfl, "AutoAttack"):
-        attacks.append(rfl.AutoAttack(eps, norm="linf", version="fast"))
     for name, m in models.items():
         ok = verified(m, xt, yt, eps, method)
         for attack in attacks:
@@ -84,6 +82,19 @@ def test_no_attack_breaks_a_verified_point(models, split, method, eps):
             assert ok.float().mean() <= robust.float().mean()
         if name == "ibp":
             assert ok.sum() > 0  # the implication is checked on verified points, not vacuously
+
+
+@pytest.mark.skipif(not hasattr(rfl, "AutoAttack"), reason="the library has no AutoAttack yet")
+def test_no_autoattack_point_breaks_a_verified_point(models, split):
+    """The same under the library's strongest attack (AutoAttack, fast version), once per model."""
+    _, _, xt, yt = split
+    eps = 0.05
+    for name in ("pgd", "ibp"):
+        m = models[name]
+        ok = verified(m, xt, yt, eps, "ibp") | verified(m, xt, yt, eps, "crown-ibp")
+        with torch.no_grad():
+            robust = m(rfl.AutoAttack(eps, norm="linf", version="fast")(m, xt, yt)).argmax(1) == yt
+        assert ok.sum() > 0 and not (ok & ~robust).any(), name
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
@@ -173,3 +184,69 @@ def test_certified_training_with_train_mode_batchnorm_raises(split):
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
     with pytest.raises(ValueError, match="BatchNorm1d"):
         train(net, split[0][:64], split[1][:64], loss_fn=certified_loss(0.1))
+
+
+# --------------------------------------------------------------------------- federated clients
+
+
+def _flat(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("extra", [{}, {"cert_method": "crown-ibp", "cert_beta": 0.5}])
+def test_fl_certified_local_training_equals_centralized(split, arch, extra):
+    """One client's local training, vectorized (vmap over the stacked weights) and client by client,
+    equals train(..., loss_fn=certified_loss(...)) on its data with its generator."""
+    import copy
+    import dataclasses
+
+    from robustfl_lib.federated import _train_clients
+    from robustfl_lib.runtime import make_generator
+
+    x, y = split[0][:80], split[1][:80]
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, hidden=(32,)) if arch == "mlp" else rfl.SmallCNN((1, 8, 8), 10, channels=(4, 6))
+    cfg = rfl.FLConfig(local_training="certified", adv_eps=0.1, cert_kappa=0.3, local_epochs=2, batch_size=16,
+                       lr=0.1, cert_warmup_rounds=1, cert_ramp_rounds=2, **extra)
+    cfg.validate()
+    rnd = 3  # half way up the ramp: eps 0.05, kappa 0.65
+    eps, kappa, beta = cfg.certified_values(rnd)
+    assert (eps, kappa) == pytest.approx((0.05, 0.65))
+    central = copy.deepcopy(model)
+    train(central, x, y, epochs=2, lr=0.1, batch_size=16, generator=make_generator(7),
+          loss_fn=certified_loss(eps, kappa, cfg.cert_method, beta if cfg.cert_method != "ibp" else None))
+    for vectorized in (True, False):
+        got = _train_clients(model, [x], [y], [make_generator(7)], dataclasses.replace(cfg, vectorized=vectorized),
+                             rnd, None)
+        torch.testing.assert_close(got[0], _flat(central), rtol=0, atol=1e-6)
+    assert not torch.allclose(_flat(central), _flat(model))
+
+
+def test_fl_certified_run_with_byzantine_clients_and_grid(digits):
+    """A certified FL run with Byzantine clients and a robust rule runs, is finite, and the lock-step
+    grid over two seeds equals the separate runs."""
+    import dataclasses
+
+    from robustfl_lib import FLConfig, run_federated, run_grid
+
+    cfg = FLConfig(num_clients=5, rounds=2, local_epochs=1, local_training="certified", cert_method="crown-ibp",
+                   adv_eps=0.05, cert_ramp_rounds=2, aggregator="median", byzantine_fraction=0.2,
+                   byzantine_attack="sign_flip", progress=False)
+    configs = [dataclasses.replace(cfg, seed=s) for s in (0, 1)]
+    grid = run_grid(configs, progress=False)
+    for c, got in zip(configs, grid):
+        want = run_federated(c)
+        torch.testing.assert_close(_flat(got.model), _flat(want.model), rtol=1e-5, atol=1e-6)
+        assert all(0 <= h["clean_accuracy"] <= 1 for h in want.history)
+        assert torch.isfinite(_flat(want.model)).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"cert_method": "lp"}, "cert_method"), ({"cert_kappa": 1.5}, "cert_kappa"), ({"cert_beta": 0.5}, "ibp"),
+    ({"cert_method": "crown-ibp", "cert_beta": -0.1}, "cert_beta"), ({"cert_ramp_rounds": -1}, "cert_ramp_rounds"),
+    ({"adv_norm": "l2"}, "linf"), ({"adv_eps": -0.1}, "adv_eps"),
+])
+def test_fl_certified_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rfl.FLConfig(local_training="certified", **kwargs).validate()

@@ -153,3 +153,67 @@ def test_trades_rejects_inputs_outside_the_box(batch):
     x, y = batch
     with pytest.raises(ValueError, match="bounds"):
         TRADES(0.1)(net(), x + 2, y)
+
+
+# --------------------------------------------------------------------------- federated clients
+
+
+def _flat(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("local_training", ["trades", "fast_fgsm"])
+def test_fl_local_training_equals_centralized(digits, local_training):
+    """One client's vectorized local training equals train / adversarial_train with the same
+    minibatch and random-start streams (to rounding: a sign step can flip on a near-zero gradient)."""
+    import copy
+
+    from robustfl_lib import FLConfig
+    from robustfl_lib.federated import _train_clients
+    from robustfl_lib.federated.clients import _pgd_start_generator
+    from robustfl_lib.runtime import make_generator
+
+    x, y = digits.x_train[:96], digits.y_train[:96]  # 6 full batches: no padded rows draw noise
+    model = net(0)
+    cfg = FLConfig(local_training=local_training, adv_eps=0.1, adv_steps=3, adv_mix=1.0, local_epochs=2,
+                   batch_size=16, lr=0.1, seed=3)
+    cfg.validate()
+    got = _train_clients(model, [x], [y], [make_generator(5)], cfg, 2, None)[0]
+    central = copy.deepcopy(model)
+    starts = _pgd_start_generator(3, 2)
+    if local_training == "trades":
+        train(central, x, y, epochs=2, lr=0.1, batch_size=16, generator=make_generator(5),
+              loss_fn=TRADES(0.1, steps=3, generator=starts))
+    else:
+        adversarial_train(central, x, y, FastFGSM(0.1, generator=starts), epochs=2, mix=1.0, lr=0.1, batch_size=16,
+                          generator=make_generator(5))
+    torch.testing.assert_close(got, _flat(central), rtol=0, atol=1e-4)
+    assert (got - _flat(model)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("local_training", ["trades", "fast_fgsm"])
+def test_fl_grid_equals_separate_runs(local_training):
+    """Two seeds in lock step draw each simulation's starts from its own stream, as alone."""
+    import dataclasses
+
+    from robustfl_lib import FLConfig, run_federated, run_grid
+
+    cfg = FLConfig(num_clients=4, rounds=2, local_epochs=1, local_training=local_training, adv_eps=0.1, adv_steps=2,
+                   progress=False)
+    configs = [dataclasses.replace(cfg, seed=s) for s in (0, 1)]
+    for c, got in zip(configs, run_grid(configs, progress=False)):
+        torch.testing.assert_close(_flat(got.model), _flat(run_federated(c).model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"local_training": "trades", "trades_beta": -1.0}, "trades_beta"),
+    ({"local_training": "trades", "adv_norm": "l2"}, "linf"),
+    ({"local_training": "fast_fgsm", "adv_norm": "l2"}, "linf"),
+    ({"local_training": "fast_fgsm", "adv_eps": -0.1}, "eps"),
+    ({"local_training": "pgd"}, "local_training"),
+])
+def test_fl_config_validation(kwargs, match):
+    from robustfl_lib import FLConfig
+
+    with pytest.raises(ValueError, match=match):
+        FLConfig(**kwargs).validate()

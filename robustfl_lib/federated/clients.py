@@ -1,8 +1,9 @@
 """The clients' side of a round: local training and the update each client returns.
 
-A client trains a copy of the global model on its own data (plain SGD or adversarial
-training, :func:`sgd_client_update`, :func:`adversarial_client_update`, or a custom
-:class:`ClientUpdate`) and returns its update, a delta ``w_i - w``
+A client trains a copy of the global model on its own data (plain SGD, adversarial
+training with PGD or fast FGSM, TRADES or certified training: :func:`sgd_client_update`,
+:func:`adversarial_client_update`, :func:`trades_client_update`, :func:`certified_client_update`,
+or a custom :class:`ClientUpdate`) and returns its update, a delta ``w_i - w``
 (:func:`compute_client_updates`). With ``vectorized=True`` all clients of a round (and in
 :func:`~robustfl_lib.federated.run_grid`, of many runs) train in one batched computation
 (:func:`robustfl_lib.vectorized.train_stacked`).
@@ -11,6 +12,7 @@ training, :func:`sgd_client_update`, :func:`adversarial_client_update`, or a cus
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -22,16 +24,18 @@ from torch import nn
 
 from ..attacks import PGD
 from ..byzantine import DataPoisoning
+from ..certified.bounds import bound_layers
+from ..certified.training import CertifiedLoss, _sample_loss_core
 from ..data import Dataset
 from ..params import flatten_state
 from ..runtime import make_generator
-from ..training import adversarial_train, mixed_adversarial_loss, train
+from ..training import TRADES, adversarial_train, mixed_adversarial_loss, train, trades_objective
 from ..vectorized import StackedModel, step_minibatches, train_stacked
 from .config import FLConfig
 from .hooks import accepts_keyword
 
 __all__ = ["ClientUpdate", "ClientUpdateWithId", "sgd_client_update", "adversarial_client_update",
-           "compute_client_updates"]
+           "trades_client_update", "certified_client_update", "compute_client_updates"]
 
 
 class ClientUpdate(Protocol):
@@ -99,8 +103,9 @@ def adversarial_client_update(
     client_id: int | None = None,
 ) -> None:
     """Local adversarial training: ``config.local_epochs`` epochs (or ``config.local_steps``
-    steps) of PGD training (``config.adv_*``) mixing clean and adversarial loss with weight
-    ``config.adv_mix`` (:func:`robustfl_lib.training.adversarial_train`'s objective)."""
+    steps) of PGD training (``config.adv_*``; fast FGSM for ``local_training="fast_fgsm"``)
+    mixing clean and adversarial loss with weight ``config.adv_mix``
+    (:func:`robustfl_lib.training.adversarial_train`'s objective)."""
     # PGD's random starts get their own stream, so the client's minibatch order is that of plain SGD.
     attack = config.local_attack(generator=make_generator(generator.initial_seed() ^ 0x5DEECE66D))
     if config.local_steps is None:
@@ -115,6 +120,101 @@ def adversarial_client_update(
     _sgd_steps(model, x, y, config, generator, loss_fn)
 
 
+def _train_with_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+                     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    if config.local_steps is None:
+        train(model, x, y, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, generator=generator,
+              loss_fn=loss_fn)
+    else:
+        _sgd_steps(model, x, y, config, generator, loss_fn)
+
+
+def trades_client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+    client_id: int | None = None,
+) -> None:
+    """Local TRADES training (:class:`robustfl_lib.training.TRADES` with ``config.adv_eps``,
+    ``adv_steps``, ``adv_alpha``, ``trades_beta``) for ``local_epochs`` epochs or ``local_steps`` steps."""
+    trades = config.local_trades(generator=make_generator(generator.initial_seed() ^ 0x5DEECE66D))
+    _train_with_loss(model, x, y, config, generator, trades)
+
+
+def certified_client_update(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FLConfig, generator: torch.Generator,
+    client_id: int | None = None, rnd: int = 1,
+) -> None:
+    """Local certified training (:class:`robustfl_lib.certified.CertifiedLoss`) at round ``rnd``'s
+    eps, kappa and beta (:meth:`FLConfig.certified_values`: constant within a round)."""
+    eps, kappa, beta = config.certified_values(rnd)
+    loss = CertifiedLoss(eps, method=config.cert_method, kappa=kappa, beta=beta if config.cert_method != "ibp" else None)
+    _train_with_loss(model, x, y, config, generator, loss)
+
+
+def _block_starts(x: torch.Tensor, clients: tuple[int, ...], generators: tuple[torch.Generator, ...],
+                  start: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """``start`` applied to consecutive blocks of rows (``clients[s]`` clients' rows each) with their own generators."""
+    total = sum(clients)
+    if total == 0 or x.shape[0] % total:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot be split among {total} clients")
+    per = x.shape[0] // total
+    blocks = x.split([k * per for k in clients])
+    return torch.cat([start(b, g) for b, g in zip(blocks, generators)])
+
+
+@dataclass(frozen=True)
+class _BlockStartTRADES(TRADES):
+    """TRADES whose start noise draws consecutive blocks of rows from their own generators (see
+    :class:`_BlockStartPGD`)."""
+
+    clients: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    generators: tuple[torch.Generator, ...] = field(default=(), compare=False, repr=False)
+
+    def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return _block_starts(x, self.clients, self.generators, super(_BlockStartTRADES, self)._start)
+
+
+def _trades_sample_loss(config: FLConfig, generator: torch.Generator,
+                        blocks: list[tuple[int, torch.Generator]] | None = None):
+    """Per-sample TRADES loss for :func:`train_stacked` (``blocks`` as in :func:`_adversarial_sample_loss`)."""
+    if blocks is not None:
+        blocks = [(k, g) for k, g in blocks if k > 0]
+    if blocks is not None and len(blocks) > 1:
+        base = config.local_trades()
+        trades = _BlockStartTRADES(**{f.name: getattr(base, f.name) for f in fields(base)},
+                                   clients=tuple(k for k, _ in blocks), generators=tuple(g for _, g in blocks))
+    else:
+        trades = config.local_trades(generator=generator if blocks is None else blocks[0][1])
+
+    def loss(model: StackedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if trades.beta == 0:
+            return F.cross_entropy(model(x), y, reduction="none")
+        x_adv = trades.perturb(model.detached(), x)
+        return trades_objective(model(x), model(x_adv), y, trades.beta)
+
+    return loss
+
+
+def _certified_sample_loss(config: FLConfig, rnd: int):
+    """Per-sample certified loss for :func:`train_stacked`: each client's bounds with its own weights
+    (``torch.func.vmap`` over the stacked parameters), at round ``rnd``'s eps, kappa, beta."""
+    eps, kappa, beta = config.certified_values(rnd)
+
+    def loss(model: StackedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k, base = model.num_models, model._base[0]
+        layers = bound_layers(base)
+        natural = model(x)
+        classes = natural.shape[1]
+
+        def one(params, nat, xb, yb):
+            return _sample_loss_core(layers, nat, xb, yb, eps, kappa, beta, params, classes)
+
+        per = torch.func.vmap(one)(model.stacked, natural.reshape(k, -1, classes), x.reshape(k, -1, *x.shape[1:]),
+                                   y.reshape(k, -1))
+        return per.reshape(-1)
+
+    return loss
+
+
 @dataclass(frozen=True)
 class _BlockStartPGD(PGD):
     """PGD whose random start draws consecutive blocks of rows from their own generators.
@@ -127,12 +227,7 @@ class _BlockStartPGD(PGD):
     generators: tuple[torch.Generator, ...] = field(default=(), compare=False, repr=False)
 
     def _start(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        total = sum(self.clients)
-        if total == 0 or x.shape[0] % total:
-            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split among {total} clients")
-        per = x.shape[0] // total
-        blocks = x.split([k * per for k in self.clients])
-        return torch.cat([super(_BlockStartPGD, self)._start(b, g) for b, g in zip(blocks, self.generators)])
+        return _block_starts(x, self.clients, self.generators, super(_BlockStartPGD, self)._start)
 
 
 def _adversarial_sample_loss(config: FLConfig, generator: torch.Generator,
@@ -230,15 +325,22 @@ def _train_clients(
     reach a ``client_update`` that accepts ``client_id``."""
     if client_update is None and config.vectorized and _stackable(model):
         sample_loss = None
-        if config.local_training == "adversarial":
-            pgd_blocks = None if blocks is None else [(k, _pgd_start_generator(seed, rnd)) for k, seed in blocks]
-            sample_loss = _adversarial_sample_loss(config, _pgd_start_generator(config.seed, rnd), pgd_blocks)
+        start_blocks = None if blocks is None else [(k, _pgd_start_generator(seed, rnd)) for k, seed in blocks]
+        if config.local_training in ("adversarial", "fast_fgsm"):
+            sample_loss = _adversarial_sample_loss(config, _pgd_start_generator(config.seed, rnd), start_blocks)
+        elif config.local_training == "trades":
+            sample_loss = _trades_sample_loss(config, _pgd_start_generator(config.seed, rnd), start_blocks)
+        elif config.local_training == "certified":
+            sample_loss = _certified_sample_loss(config, rnd)
         return train_stacked(model, xs, ys, epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size,
                              generators=gens, sample_loss=sample_loss, starts=starts, steps=config.local_steps)
     if starts is not None:
         raise ValueError("separate starting weights need the vectorized path (no client_update, vectorized=True)")
     if client_update is None:
-        client_update = adversarial_client_update if config.local_training == "adversarial" else sgd_client_update
+        client_update = {"adversarial": adversarial_client_update, "fast_fgsm": adversarial_client_update,
+                         "trades": trades_client_update,
+                         "certified": functools.partial(certified_client_update, rnd=rnd)}.get(
+                             config.local_training, sgd_client_update)
     if client_ids is not None and len(client_ids) != len(xs):
         raise ValueError(f"client_ids must give one id per client: {len(xs)} clients, {len(client_ids)} ids")
     with_id = client_ids is not None and _accepts_client_id(client_update)

@@ -12,9 +12,15 @@ import torch
 from ..aggregators import Aggregator
 from ..attacks import PGD
 from ..byzantine import ByzantineAttack, DataPoisoning
+from ..certified.bounds import BOUND_METHODS
+from ..certified.training import LinearRamp
 from ..checkpoint import describe
+from ..training import TRADES, FastFGSM
 
 __all__ = ["FLConfig", "config_dict"]
+
+#: The names ``FLConfig.local_training`` accepts.
+LOCAL_TRAININGS = ("standard", "adversarial", "fast_fgsm", "trades", "certified")
 
 # Counting clients from a fraction: 0.2 * 10 must be 2 even though it is 2.0000000000000004.
 _EPS = 1e-9
@@ -61,6 +67,19 @@ class FLConfig:
     :class:`~robustfl_lib.aggregators.FLTrust`) gets it every round: the server trains the
     global model on its root data with the clients' local training settings. ``0``
     (default): no server data, the partition of the whole training set as before.
+
+    Robust local training (``local_training``): ``"adversarial"`` is PGD inside every minibatch
+    with the clean/adversarial mix ``adv_mix`` (chapter ``02_adversarial_training``);
+    ``"fast_fgsm"`` the same with :class:`~robustfl_lib.training.FastFGSM` as the attack (Wong et
+    al. 2020: step ``adv_alpha``, default 1.25 eps; their recipe is ``adv_mix=1``); ``"trades"``
+    the :class:`~robustfl_lib.training.TRADES` loss (``adv_eps``, ``adv_steps``, ``adv_alpha``,
+    ``trades_beta``); ``"certified"`` the certified loss of :mod:`robustfl_lib.certified` at budget
+    ``adv_eps`` with bound ``cert_method`` ("ibp" or "crown-ibp", mixed with weight ``cert_beta``,
+    None: 0 for IBP, 1 for CROWN-IBP) and final ``cert_kappa``, ramped by round as Gowal et al.
+    2018 ramp by step: eps 0 and kappa 1 for ``cert_warmup_rounds`` rounds, then linear to
+    ``adv_eps`` and ``cert_kappa`` over ``cert_ramp_rounds`` rounds (both 0: the final values from
+    round 1). The three new ones are linf only. All run vectorized across clients as
+    ``"adversarial"`` does.
     """
 
     dataset: str = "digits"
@@ -82,13 +101,19 @@ class FLConfig:
     byzantine_fraction: float = 0.0
     byzantine_attack: str | ByzantineAttack | DataPoisoning | None = None
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
-    local_training: str = "standard"  #: "standard" or "adversarial" (PGD inside each local minibatch)
+    local_training: str = "standard"  #: "standard", "adversarial" (PGD), "fast_fgsm", "trades" or "certified"
     adv_eps: float = 0.1  #: local adversarial training: PGD budget
     adv_steps: int = 5  #: ... PGD steps
     adv_alpha: float | None = None  #: ... PGD step size (None: 2.5 * eps / steps)
     adv_norm: str = "linf"  #: ... "linf" or "l2"
     adv_mix: float = 0.5  #: ... weight of the adversarial loss (0.5: Tutorial 157's 50/50; 1.0: Madry et al.)
     adv_random_start: bool = True
+    trades_beta: float = 6.0  #: local_training="trades": weight of the KL term (Zhang et al. 2019)
+    cert_method: str = "ibp"  #: local_training="certified": "ibp" or "crown-ibp"
+    cert_kappa: float = 0.5  #: ... final weight of the natural loss (Gowal et al.: 0.5)
+    cert_beta: float | None = None  #: ... weight of the CROWN-IBP bound (None: 0 for ibp, 1 for crown-ibp)
+    cert_warmup_rounds: int = 0  #: ... rounds at eps 0, kappa 1 before the ramp
+    cert_ramp_rounds: int = 0  #: ... rounds of the linear eps / kappa ramp (0: final values at once)
     eval_eps: float | None = None  #: robust accuracy under PGD at this budget on the test split (None: skip)
     eval_steps: int = 10  #: ... PGD steps of that evaluation
     eval_every: int = 1  #: evaluate every k rounds (and always after the last)
@@ -155,8 +180,8 @@ class FLConfig:
             )
         if self.aggregator_f is not None and (isinstance(self.aggregator_f, bool) or self.aggregator_f < 0):
             raise ValueError(f"aggregator_f must be an integer >= 0 or None, got {self.aggregator_f!r}")
-        if self.local_training not in ("standard", "adversarial"):
-            raise ValueError(f"local_training must be 'standard' or 'adversarial', got {self.local_training!r}")
+        if self.local_training not in LOCAL_TRAININGS:
+            raise ValueError(f"local_training must be one of {LOCAL_TRAININGS}, got {self.local_training!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.adv_mix <= 1:
@@ -173,15 +198,58 @@ class FLConfig:
         root = self.server_root_size
         if isinstance(root, bool) or not isinstance(root, int) or root < 0:
             raise ValueError(f"server_root_size must be an integer >= 0 (0: no server data), got {root!r}")
-        if self.local_training == "adversarial":
+        if self.local_training in ("fast_fgsm", "trades", "certified") and self.adv_norm != "linf":
+            raise ValueError(f"local_training={self.local_training!r} is linf only, got adv_norm={self.adv_norm!r}")
+        if self.local_training in ("adversarial", "fast_fgsm"):
             self.local_attack()  # raises ValueError for a bad eps, steps or norm
+        if self.local_training == "trades":
+            b = self.trades_beta
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
+                raise ValueError(f"trades_beta must be a finite number >= 0, got {b!r}")
+            self.local_trades()
+        if self.local_training == "certified":
+            self._validate_certified()
         if self.eval_eps is not None:
             self.eval_attack()
 
     def local_attack(self, generator: torch.Generator | None = None) -> PGD:
-        """The PGD attack of local adversarial training."""
+        """The attack of local adversarial training: PGD, or FastFGSM for ``local_training="fast_fgsm"``."""
+        if self.local_training == "fast_fgsm":
+            return FastFGSM(eps=self.adv_eps, alpha=self.adv_alpha, generator=generator)
         return PGD(eps=self.adv_eps, alpha=self.adv_alpha, steps=self.adv_steps, norm=self.adv_norm,
                    random_start=self.adv_random_start, generator=generator)
+
+    def local_trades(self, generator: torch.Generator | None = None) -> TRADES:
+        """The TRADES loss of ``local_training="trades"``."""
+        return TRADES(eps=self.adv_eps, beta=self.trades_beta, steps=self.adv_steps, alpha=self.adv_alpha,
+                      generator=generator)
+
+    def certified_values(self, rnd: int) -> tuple[float, float, float]:
+        """``(eps, kappa, beta)`` of the certified loss in round ``rnd`` (counted from 1)."""
+        t = rnd - 1
+        eps = LinearRamp(0.0, float(self.adv_eps), self.cert_warmup_rounds, self.cert_ramp_rounds)(t)
+        kappa = LinearRamp(1.0, float(self.cert_kappa), self.cert_warmup_rounds, self.cert_ramp_rounds)(t)
+        beta = (0.0 if self.cert_method == "ibp" else 1.0) if self.cert_beta is None else float(self.cert_beta)
+        return eps, kappa, beta
+
+    def _validate_certified(self) -> None:
+        if self.cert_method not in BOUND_METHODS:
+            raise ValueError(f"cert_method must be one of {BOUND_METHODS}, got {self.cert_method!r}")
+        eps = self.adv_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"adv_eps must be a finite number >= 0, got {eps!r}")
+        for name in ("cert_kappa", "cert_beta"):
+            v = getattr(self, name)
+            if v is None and name == "cert_beta":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        if self.cert_method == "ibp" and self.cert_beta not in (None, 0, 0.0):
+            raise ValueError("cert_method='ibp' uses the IBP bound only; set cert_method='crown-ibp' to mix bounds")
+        for name in ("cert_warmup_rounds", "cert_ramp_rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
     def eval_attack(self) -> PGD:
         """The PGD attack that measures robust accuracy (same seed every round, so rounds compare)."""
