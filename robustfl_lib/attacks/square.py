@@ -111,15 +111,18 @@ class Square(InputAttack):
         lo, hi = (t.reshape(view) for t in linf_bounds(x, self.eps, self.bounds))
         xv = x.reshape(view)
         signs = _draw("uniform", (n, c, 1, w), xv, gen).lt_(0.5).to(x.dtype).mul_(2).sub_(1)
-        best = (xv + self.eps * signs).clamp_(lo, hi)
-        margin, loss = self._scores(model, best.view(x.shape), y)
+        out = (xv + self.eps * signs).clamp_(lo, hi)
+        margin, loss = self._scores(model, out.view(x.shape), y)
         rows_h = torch.arange(h, device=x.device)
         cols_w = torch.arange(w, device=x.device)
+        # The rows still to attack, compacted: one copy when an example leaves, none per query.
+        keep = margin > 0
+        idx = keep.nonzero().squeeze(1)
+        best, lo, hi, yy, loss = out[idx], lo[idx], hi[idx], y[idx], loss[idx]
         for i in range(1, self.queries):
-            todo = (margin > 0).nonzero().squeeze(1)
-            if todo.numel() == 0:
+            m = idx.numel()
+            if m == 0:
                 break
-            m = todo.numel()
             p = square_fraction(i, self.queries, self.p_init)
             side = max(int(round(math.sqrt(p * h * w))), 1)
             if side <= min(h, w):
@@ -127,23 +130,27 @@ class Square(InputAttack):
             else:  # a row of pixels (or a thin image): a window of the same area
                 sh = min(h, side)
                 sw = min(w, max(int(round(p * h * w / sh)), 1))
-            top = (_draw("uniform", (m,), xv, gen) * (h - sh + 1)).long().clamp_(max=h - sh)
-            left = (_draw("uniform", (m,), xv, gen) * (w - sw + 1)).long().clamp_(max=w - sw)
+            u = _draw("uniform", (m, 2 + c), xv, gen)
+            top = (u[:, 0] * (h - sh + 1)).long().clamp_(max=h - sh)
+            left = (u[:, 1] * (w - sw + 1)).long().clamp_(max=w - sw)
             window = ((rows_h >= top[:, None]) & (rows_h < (top + sh)[:, None]))[:, None, :, None] & (
                 (cols_w >= left[:, None]) & (cols_w < (left + sw)[:, None])
             )[:, None, None, :]
-            sign = _draw("uniform", (m, c, 1, 1), xv, gen).lt_(0.5).to(x.dtype).mul_(2).sub_(1)
-            current, lo_t, hi_t = best[todo], lo[todo], hi[todo]
-            cand = (current + 2 * self.eps * sign * window).clamp_(lo_t, hi_t)
-            same = (cand == current).flatten(1).all(1)
+            step = (u[:, 2:] < 0.5).to(x.dtype).mul_(4 * self.eps).sub_(2 * self.eps)[:, :, None, None] * window
+            cand = (best + step).clamp_(lo, hi)
+            same = (cand == best).flatten(1).all(1)
             if bool(same.any()):
-                flipped = (current - 2 * self.eps * sign * window).clamp_(lo_t, hi_t)
+                flipped = (best - step).clamp_(lo, hi)
                 cand = torch.where(same[:, None, None, None], flipped, cand)
-            cand_margin, cand_loss = self._scores(model, cand.view(m, *x.shape[1:]), y[todo])
-            better = cand_loss < loss[todo]
-            keep = todo[better]
-            best[keep] = cand[better]
-            loss[keep] = cand_loss[better]
-            margin[keep] = cand_margin[better]
-        return best.view(x.shape)
+            cand_margin, cand_loss = self._scores(model, cand.view(m, *x.shape[1:]), yy)
+            better = cand_loss < loss
+            best = torch.where(better[:, None, None, None], cand, best)
+            loss = torch.where(better, cand_loss, loss)
+            done = better & (cand_margin <= 0)
+            if bool(done.any()):
+                out[idx[done]] = best[done]
+                stay = ~done
+                idx, best, lo, hi, yy, loss = idx[stay], best[stay], lo[stay], hi[stay], yy[stay], loss[stay]
+        out[idx] = best
+        return out.view(x.shape)
 
