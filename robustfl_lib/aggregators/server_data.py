@@ -7,7 +7,8 @@ that majority: it trains its own update each round and trusts each client as far
 with it. The protocol changes (the server trains too), so the FL loop gives such a rule the server's
 update: :func:`~robustfl_lib.federated.run_federated` with ``FLConfig.server_root_size > 0`` holds that
 many training samples out for the server and passes its update as ``reference=`` to a rule whose
-``needs_server_update`` is ``True``. Not yet taught in a chapter (chapter ``16_optimising_attacks`` names it as the next subject).
+``needs_server_update`` is ``True``. Taught in chapter ``16_optimising_attacks``, section "FLTrust: the server's
+own data as the root of trust".
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class FLTrust(Aggregator):
     row's factor in the output, :math:`TS_i \lVert g_0\rVert / (\lVert g_i\rVert \sum_j TS_j)`),
     ``"selected"`` (rows with positive trust), ``"dropped"``, ``"zero_trust"``,
     ``"reference_norm"``. No requirement on ``n`` and ``f`` beyond ``n >= 1``. Config name
-    ``"fltrust"``. Chapter 12 (optimising attacks and the rules that answer them).
+    ``"fltrust"``. Chapter ``16_optimising_attacks``, section "FLTrust: the server's own data as the root of trust".
     """
 
     robust = True
