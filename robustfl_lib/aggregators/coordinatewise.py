@@ -150,7 +150,7 @@ class Meamed(RobustAggregator):
     ByzFL's ``argpartition`` breaks it arbitrarily) are decided for the smaller value. One sort
     per coordinate, then :math:`f + 1` candidate runs: no loop over coordinates.
     ``last_info["kept_fraction"]``: how often each row's value was among the averaged ones.
-    Taught in chapter: (to come, issue 14).
+    Taught in chapter ``18_more_robust_rules``.
     """
 
     def __init__(self, f: int):

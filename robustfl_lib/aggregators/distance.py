@@ -257,7 +257,7 @@ class MDA(SubsetSearch):
     :math:`O(\binom{n}{f} f^2 n)` after one Gram matrix. Ties (equal diameters) go to the first
     subset in the lexicographic order of the kept rows, ByzFL's order. ``f = 0`` is the mean.
     ``last_info["selected"]``: the kept rows; ``["weights"]``; ``["diameter"]``; ``["subsets"]``.
-    Taught in chapter: (to come, issue 14).
+    Taught in chapter ``18_more_robust_rules``.
     """
 
     def aggregate_finite(self, updates, weights, dropped):
@@ -304,7 +304,7 @@ class MoNNA(RobustAggregator):
     cannot be honest). ``idx`` counts the rows as given; inside a :class:`Pipeline` it counts the
     rows that reach the rule (after non-finite rows are dropped and after bucketing). Distances
     to one row cost one pass, :math:`O(nd)`; ties go to the lower row. ``last_info["selected"]``:
-    the neighbours; ``["weights"]``. Taught in chapter: (to come, issue 14).
+    the neighbours; ``["weights"]``. Taught in chapter ``18_more_robust_rules``.
     """
 
     def __init__(self, f: int, idx: int = 0):

@@ -69,7 +69,7 @@ class SMEA(SubsetSearch):
     Ties (equal eigenvalues) go to the first subset in the lexicographic order of the kept rows,
     ByzFL's order. ``f = 0`` is the mean. ``last_info["selected"]``: the kept rows; ``["weights"]``;
     ``["eigenvalue"]``: the smallest :math:`\lambda_{\max}`; ``["subsets"]``: how many were searched.
-    Taught in chapter: (to come, issue 14).
+    Taught in chapter ``18_more_robust_rules``.
     """
 
     def aggregate_finite(self, updates, weights, dropped):
@@ -153,7 +153,7 @@ class CAF(RobustAggregator):
     the best. Rows whose distance to the others overflowed start with :math:`c_i = 0`. The
     loop stops after ``max_iter`` passes at the latest (each pass usually zeroes a row, so it
     rarely needs more than ``2f + 1``). ``last_info["weights"]``: each row's weight in the
-    output; ``["eigenvalue"]``; ``["iterations"]``. Taught in chapter: (to come, issue 14).
+    output; ``["eigenvalue"]``; ``["iterations"]``. Taught in chapter ``18_more_robust_rules``.
     """
 
     def __init__(self, f: int, max_iter: int = 1000):
