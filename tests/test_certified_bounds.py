@@ -309,3 +309,21 @@ def test_bounds_follow_the_device(device):
         net.to(device)
         assert torch.allclose(lo.cpu(), ref[0], atol=1e-5) and torch.allclose(hi.cpu(), ref[1], atol=1e-5)
     assert margin_bounds(net, x, y, 0.05, "crown-ibp").device.type == device
+
+
+def test_input_box_contains_the_real_ball():
+    """Each end is rounded outward: in exact (rational) arithmetic lo <= max(x - eps, 0) and
+    hi >= min(x + eps, 1), and by at most two ulps."""
+    from fractions import Fraction
+
+    from robustfl_lib.certified import input_box
+
+    x = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    for eps in (0.1, 0.3, 1 / 3, 0.05):
+        lo, hi = input_box(x, eps)
+        e = Fraction(eps)
+        for xi, li, hi_ in zip(x.tolist(), lo.tolist(), hi.tolist()):
+            assert Fraction(li) <= max(Fraction(xi) - e, 0) and Fraction(hi_) >= min(Fraction(xi) + e, 1)
+        inside = (x + eps < 1)
+        ulp = torch.nextafter(hi, torch.full_like(hi, 2.0)) - hi
+        assert inside.any() and ((hi - (x + eps)).abs() <= 2 * ulp)[inside].all()

@@ -110,11 +110,26 @@ def _check_input(x: torch.Tensor, eps: float) -> None:
         raise ValueError("x must lie in [0, 1] (inputs scaled to [0, 1], finite)")
 
 
+def _two_sum_error(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``a + b - s`` exactly for ``s = fl(a + b)`` (Knuth's TwoSum): its sign says which way the sum rounded."""
+    b_virtual = s - a
+    return (a - (s - b_virtual)) + (b - b_virtual)
+
+
 def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(clip(x - eps, 0, 1), clip(x + eps, 0, 1))``. Rounding to nearest keeps every
-    floating-point point of the ball inside (the ends round to a float at least as far out as
-    the last float in the ball)."""
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    """``(clip(x - eps, 0, 1), clip(x + eps, 0, 1))``, each end rounded *outward* in ``x``'s dtype
+    (eps to the nearest number of the dtype at least as large, then ``x +- eps`` corrected by one
+    ulp where rounding to nearest moved it inward), so the box contains every real point of the
+    ball intersected with [0, 1]."""
+    e = torch.tensor(float(eps), dtype=torch.float64).to(x.dtype)
+    if float(e) < eps:
+        e = torch.nextafter(e, torch.full_like(e, math.inf))
+    e = e.to(x.device)
+    hi = x + e
+    hi = torch.where(_two_sum_error(x, e, hi) > 0, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+    lo = x - e
+    lo = torch.where(_two_sum_error(x, -e, lo) < 0, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+    return lo.clamp(0.0, 1.0), hi.clamp(0.0, 1.0)
 
 
 def _get(params: Params, name: str, module: nn.Module, attr: str) -> torch.Tensor | None:
