@@ -89,7 +89,8 @@ def test_cnn_bounds_contain_samples(eps):
 
 def test_library_models_are_bounded():
     """The book's MLP and SmallCNN (max-pooling, no BatchNorm) are sound too."""
-    for net, shape in ((MLP((1, 4, 4), 3, hidden=(8,)), (1, 4, 4)), (SmallCNN((1, 8, 8), 3, channels=(3, 4)), (1, 8, 8))):
+    nets = ((MLP((1, 4, 4), 3, hidden=(8,)), (1, 4, 4)), (SmallCNN((1, 8, 8), 3, channels=(3, 4)), (1, 8, 8)))
+    for net, shape in nets:
         torch.manual_seed(0)
         x = torch.rand(3, *shape)
         z = outputs(net, box_samples(x, 0.05, 1000, corners=False))
@@ -169,12 +170,14 @@ def test_tiny_relu_network_against_exact_brute_force(seed):
     assert np.all(grid.min(0) >= ex_lo - 1e-12) and np.all(grid.max(0) <= ex_hi + 1e-12)
     assert np.all(grid.min(0) - ex_lo < 0.05)  # the enumeration is not just some lower number
     for got_lo, got_hi in (ibp_bounds(net, x, eps), crown_ibp_bounds(net, x, eps)):
-        assert np.all(got_lo[0].detach().numpy() <= ex_lo + 1e-12) and np.all(got_hi[0].detach().numpy() >= ex_hi - 1e-12)
+        got_lo, got_hi = got_lo[0].detach().numpy(), got_hi[0].detach().numpy()
+        assert np.all(got_lo <= ex_lo + 1e-12) and np.all(got_hi >= ex_hi - 1e-12)
     h_lo, h_hi = ibp_bounds(net[:2], x, eps)
     gh = np.maximum(g @ w1.T + b1, 0)
     h_ex_lo = np.maximum(np.minimum(lo * w1, hi * w1).sum(1) + b1, 0)
     h_ex_hi = np.maximum(np.maximum(lo * w1, hi * w1).sum(1) + b1, 0)
-    assert np.allclose(h_lo[0].detach().numpy(), h_ex_lo, atol=1e-12) and np.allclose(h_hi[0].detach().numpy(), h_ex_hi, atol=1e-12)
+    assert np.allclose(h_lo[0].detach().numpy(), h_ex_lo, atol=1e-12)
+    assert np.allclose(h_hi[0].detach().numpy(), h_ex_hi, atol=1e-12)
     assert np.allclose(gh.min(0), h_ex_lo, atol=1e-12) and np.allclose(gh.max(0), h_ex_hi, atol=1e-12)
 
 
@@ -226,6 +229,21 @@ def test_margin_elision_at_least_as_tight_as_logit_difference():
     m = margin_bounds(net, x, y, 0.1, "ibp")
     off = torch.ones_like(m, dtype=torch.bool).scatter(1, y[:, None], False)
     assert (m[off] >= naive[off] - 1e-6).all() and (m[off] - naive[off]).max() > 1e-3
+
+
+def test_margins_of_a_network_not_ending_in_linear():
+    """Without a last Linear layer to elide, IBP's margin is l_y - u_j from the logit bounds (0 at y)."""
+    net = nn.Sequential(*mlp(4, sizes=(3, 8, 4)), nn.ReLU(), nn.Identity())
+    x = torch.rand(6, 3, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(6) % 4
+    lo, hi = ibp_bounds(net, x, 0.1)
+    m = margin_bounds(net, x, y, 0.1, "ibp")
+    want = (lo.gather(1, y[:, None]) - hi).scatter(1, y[:, None], 0.0)
+    assert torch.allclose(m, want, atol=1e-7)
+    z = outputs(net, box_samples(x, 0.1, 2000, corners=True))
+    true_margin = z.gather(2, y.view(1, -1, 1).expand(z.shape[0], -1, 1)) - z
+    for method in ("ibp", "crown-ibp"):
+        assert (margin_bounds(net, x, y, 0.1, method) - true_margin.min(0).values).max() <= 1e-6
 
 
 def test_eps_zero_gives_the_logits():

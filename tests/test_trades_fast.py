@@ -141,8 +141,10 @@ def test_trades_training_is_deterministic(batch):
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("bad,match", [({"eps": -1.0}, "eps"), ({"beta": -1.0}, "beta"), ({"steps": 0}, "steps"),
-                                       ({"alpha": 0.0}, "alpha"), ({"seed": 1, "generator": torch.Generator()}, "seed")])
+@pytest.mark.parametrize("bad,match", [
+    ({"eps": -1.0}, "eps"), ({"beta": -1.0}, "beta"), ({"steps": 0}, "steps"), ({"alpha": 0.0}, "alpha"),
+    ({"seed": 1, "generator": torch.Generator()}, "seed"),
+])
 def test_trades_bad_settings(bad, match):
     kwargs = {"eps": 0.1, **bad}
     with pytest.raises(ValueError, match=match):

@@ -276,7 +276,8 @@ def _ibp_margins(layers: Layers, lo: torch.Tensor, hi: torch.Tensor, y: torch.Te
         out = (cw @ mu).squeeze(-1) - (cw.abs() @ r).squeeze(-1)
         return out + spec @ b if b is not None else out
     z_lo, z_hi, _ = _ibp(layers, lo, hi, params)
-    return z_lo.gather(1, y[:, None]) - z_hi + torch.eye(num_classes, dtype=z_lo.dtype, device=y.device)[y] * (z_hi - z_lo)
+    own = torch.eye(num_classes, dtype=z_lo.dtype, device=y.device)[y]  # row y of l_y - u gets back u_y - l_y
+    return z_lo.gather(1, y[:, None]) - z_hi + own * (z_hi - z_lo)
 
 
 def _num_classes(layers: Layers, x: torch.Tensor, params: Params) -> int:

@@ -146,7 +146,8 @@ def certified_client_update(
     """Local certified training (:class:`robustfl_lib.certified.CertifiedLoss`) at round ``rnd``'s
     eps, kappa and beta (:meth:`FLConfig.certified_values`: constant within a round)."""
     eps, kappa, beta = config.certified_values(rnd)
-    loss = CertifiedLoss(eps, method=config.cert_method, kappa=kappa, beta=beta if config.cert_method != "ibp" else None)
+    loss = CertifiedLoss(eps, method=config.cert_method, kappa=kappa,
+                         beta=beta if config.cert_method != "ibp" else None)
     _train_with_loss(model, x, y, config, generator, loss)
 
 
