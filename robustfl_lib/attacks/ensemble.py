@@ -22,7 +22,7 @@ __all__ = ["WorstCaseEnsemble"]
 
 @dataclass(frozen=True)
 class WorstCaseEnsemble(InputAttack):
-    """A teaching ensemble: per example, the worst case over several attacks (and over ``x`` itself).
+    r"""A teaching ensemble: per example, the worst case over several attacks (and over ``x`` itself).
 
     The first attack runs on the whole batch; each later one on the examples that no earlier
     attack (nor the clean input) has misclassified. Per example the candidate with the largest
