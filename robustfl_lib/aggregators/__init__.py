@@ -15,7 +15,8 @@
 Every public name is importable from here and from ``robustfl_lib``. Chapters ``00_introduction``
 and ``04_median`` to ``08_stronger_aggregators`` teach the rules of 2017-2019; the rest (ByzFL's
 rules, Bucketing, ARC, the filters) in chapters ``15_heterogeneity_and_its_fixes`` (bucketing, NNM, ARC) and
-``16_optimising_attacks`` (DnC, SignGuard); MDA, MoNNA, Meamed, CAF, SMEA and FLTrust are in no chapter yet.
+``16_optimising_attacks`` (DnC, SignGuard, FLTrust); MDA, MoNNA, Meamed, CAF and SMEA in
+``18_more_robust_rules``.
 """
 
 from ..robust_stats import coordinate_median, pairwise_sq_distances, sort_columns

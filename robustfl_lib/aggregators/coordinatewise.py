@@ -1,6 +1,6 @@
 """Coordinate-wise rules: each coordinate of the output is computed from the ``n`` values of that
 coordinate alone (the mean, the median, the trimmed mean, the mean around the median). Chapters
-``00_introduction``, ``04_median`` and ``05_trimmed_mean``; Meamed: (to come, issue 14).
+``00_introduction``, ``04_median`` and ``05_trimmed_mean``; Meamed: ``18_more_robust_rules``.
 """
 
 from __future__ import annotations

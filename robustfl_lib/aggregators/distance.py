@@ -1,6 +1,7 @@
 """Distance-based rules: they choose or weight whole updates from their pairwise distances
 (Krum, Multi-Krum, Bulyan's selection, minimum-diameter averaging) or their distances to one
-update (MoNNA). Chapters ``06_krum`` to ``08_stronger_aggregators``; MDA and MoNNA: (to come, issue 14).
+update (MoNNA). Chapters ``06_krum`` to ``08_stronger_aggregators``; MDA and MoNNA:
+``18_more_robust_rules``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ of rows has the same non-zero eigenvalues as its centred Gram matrix, and centri
 :math:`K = -\\tfrac12 (I - \\mathbf 1 w^\\top) D (I - w \\mathbf 1^\\top)` for weights :math:`w`
 summing to one. One Gram pass over the ``(n, d)`` updates, then ``O(n^3)`` work per
 eigendecomposition, and the output, a weighted average of the rows, formed once at the end: no
-``(d, d)`` covariance and no power iteration in dimension ``d``. Taught in chapter: (to come, issue 14).
+``(d, d)`` covariance and no power iteration in dimension ``d``. Taught in chapter ``18_more_robust_rules``.
 """
 
 from __future__ import annotations
