@@ -24,5 +24,5 @@ __all__ = ["server_app", "client_app"]
 #: The ServerApp: RobustStrategy with the run config's aggregator, sample counts ignored,
 #: Flower's own node sampling (devices come and go; there is no fixed partition map).
 server_app = make_server_app(collude=False, same_participants=False)
-#: The ClientApp: honest or (``byzantine=true`` in the node config) a local-knowledge attacker.
-client_app = make_client_app(knowledge="local")
+#: The ClientApp: honest unless its node config says ``byzantine=true`` (then a local-knowledge attacker).
+client_app = make_client_app(knowledge="local", byzantine_by_config=False)

@@ -26,11 +26,13 @@ Chapter ``14_scaling_out_with_flower``.
 from __future__ import annotations
 
 import copy
+from logging import WARNING
 from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from ..byzantine import DataPoisoning
 from ..data import Dataset
@@ -49,11 +51,11 @@ __all__ = ["KNOWLEDGE", "make_client_app"]
 KNOWLEDGE = ("omniscient", "local")
 
 
-def _node_is_byzantine(context: Context, pid: int, config: FLConfig) -> bool:
+def _node_is_byzantine(context: Context, pid: int, config: FLConfig, by_config: bool) -> bool:
     flag = context.node_config.get("byzantine")
     if flag is not None:
         return str(flag).lower() in ("1", "true", "yes")
-    return pid in byzantine_clients(config)
+    return by_config and pid in byzantine_clients(config)
 
 
 def make_client_app(
@@ -62,6 +64,7 @@ def make_client_app(
     knowledge: str = "omniscient",
     local_shards: int = 4,
     claimed_examples: int | None = None,
+    byzantine_by_config: bool = True,
 ) -> ClientApp:
     """One ``ClientApp`` serving every node of the federation.
 
@@ -71,7 +74,11 @@ def make_client_app(
     Ray simulation it is shipped to the workers with every message: keep it small).
     ``knowledge`` and ``local_shards`` choose how Byzantine nodes build their update
     (module docstring). ``claimed_examples`` makes Byzantine nodes report that many
-    samples, to test that the server's weighting does not believe them.
+    samples, to test that the server's weighting does not believe them. A node is Byzantine
+    when its node config says ``byzantine=true``, or, with ``byzantine_by_config`` (the
+    simulations), when its partition is one of :func:`~robustfl_lib.flower.byzantine_clients`;
+    a deployed device is honest unless its own node config says otherwise. A Byzantine node
+    says so in its log (Flower's, at WARNING), so that a test federation shows who attacks.
 
     Attacks: ALIE (Baruch et al. 2019), IPM (Xie et al. 2020), ...; adversarial training:
     Madry et al. (2018). Chapter ``14_scaling_out_with_flower``.
@@ -101,8 +108,11 @@ def make_client_app(
         metrics: dict[str, Any] = {NUM_EXAMPLES_KEY: len(idx), CLIENT_ID_KEY: pid}
         generator = make_generator(client_seed(cfg, rnd, pid))
         # Outside the attack schedule (FLConfig.attack_rounds) a Byzantine node trains honestly on clean data.
-        attacking = _node_is_byzantine(context, pid, cfg) and cfg.attacks_in_round(rnd)
+        attacking = _node_is_byzantine(context, pid, cfg, byzantine_by_config) and cfg.attacks_in_round(rnd)
         attack = attack_for(cfg) if attacking else None
+        if attack is not None:
+            log(WARNING, "robustfl: partition %d plays a Byzantine client in round %d (%s, %s knowledge)", pid, rnd,
+                cfg.byzantine_attack, knowledge)
         if attack is None:
             local_update_for(cfg)(model, x, y, cfg, generator)
         elif isinstance(attack, DataPoisoning):  # label flipping: honest training on poisoned data

@@ -227,6 +227,9 @@ class RobustStrategy(FedAvg):
         self.rounds: list[dict[str, Any]] = []
         self._nodes_by_partition: dict[int, int] | None = None
         self._sent: dict[int, dict[str, torch.Tensor]] = {}
+        self._asked: dict[str, int] = {}
+        #: node id -> the partition id its replies reported (how lost nodes are named in the history).
+        self.partition_of: dict[int, int] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -236,18 +239,33 @@ class RobustStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Remember what was sent: the deltas are taken against it, not against what clients claim.
-        self._sent = {server_round: record_to_state(arrays)}
         if self.select is None:
+            # Remember what was sent: the deltas are taken against it, not against what clients claim.
+            self._sent = {server_round: record_to_state(arrays)}
             return super().configure_train(server_round, arrays, config, grid)
         nodes = self._partition_map(grid)
         chosen = [int(c) for c in self.select(server_round)]
         missing = [c for c in chosen if c not in nodes]
         if missing:
             raise RuntimeError(f"round {server_round}: no node holds partition(s) {missing}")
+        return self.train_messages(server_round, arrays, config, [nodes[c] for c in chosen])
+
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: Iterable[int]
+    ) -> list[Message]:
+        """The training messages of round ``server_round`` for the nodes ``node_ids`` (the ServerApp's
+        own node selection, which waits for no node: :mod:`robustfl_lib.flower.serverapp`)."""
+        # Remember what was sent: the deltas are taken against it, not against what clients claim.
+        self._sent = {server_round: record_to_state(arrays)}
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, [nodes[c] for c in chosen], MessageType.TRAIN)
+        return list(self._construct_messages(record, [int(n) for n in node_ids], MessageType.TRAIN))
+
+    def expect_replies(self, messages: Iterable[Message]) -> None:
+        """Remember which node each pushed message went to (by message id). An error reply that the
+        SuperLink makes for a node that went away carries the SuperLink's own node id as its source;
+        with this map the record names the node that was asked."""
+        self._asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
     def _partition_map(self, grid: Grid) -> dict[int, int]:
         """partition id -> node id, asked once of every node (``min_available_nodes`` of them)."""
@@ -277,10 +295,10 @@ class RobustStrategy(FedAvg):
         global_vec = flatten_state(global_state)
         rows, counts, order, flags, metrics, failures = [], [], [], [], [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             problem = self._check_reply(msg, global_state, keys)
             if problem:
-                failures.append(f"node {node}: {problem}")
+                failures.append(f"{self.node_name(node)}: {problem}")
                 continue
             content = msg.content
             state = record_to_state(next(iter(content.array_records.values())))
@@ -291,6 +309,8 @@ class RobustStrategy(FedAvg):
             counts.append(_as_float(m.get(NUM_EXAMPLES_KEY)))
             pid = m.get(CLIENT_ID_KEY)
             known = isinstance(pid, (int, float)) and not isinstance(pid, bool) and math.isfinite(pid)
+            if known:
+                self.partition_of[node] = int(pid)
             order.append((0, int(pid), node) if known else (1, node, node))
             flags.append(bool(m.get(BYZANTINE_KEY, 0)))
             metrics.append(m)
@@ -323,6 +343,11 @@ class RobustStrategy(FedAvg):
             record.update(updates=updates, weights=weights, step=step)
         new_state = unflatten_state(global_vec + step, global_state)
         return state_to_record(new_state), _metric_mean([metrics[i] for i in perm])
+
+    def node_name(self, node: int) -> str:
+        """``"node 123 (partition 4)"``: the node id and, once a reply has reported it, its partition."""
+        pid = self.partition_of.get(node)
+        return f"node {node}" if pid is None else f"node {node} (partition {pid})"
 
     def _quorum_error(self, answered: int) -> str | None:
         """Why ``answered`` usable replies are too few to aggregate, or None (as in ``run_federated``)."""
