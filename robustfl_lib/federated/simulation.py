@@ -72,7 +72,7 @@ def _server_generator(config: FLConfig, rnd: int) -> torch.Generator:
     """The stream of the server's local training in round ``rnd`` (apart from every client's)."""
     return make_generator(config.seed * 104_729 + rnd * 2_003 + 500_009)
 
-__all__ = ["FLResult", "run_federated"]
+__all__ = ["FLResult", "run_federated", "root_indices"]
 
 
 @dataclass
