@@ -38,13 +38,37 @@ import torch
 
 from ..federated import FLConfig, FLResult
 from ..models import build_model
-from .config import cached_dataset, config_from_run_config
+from .config import DEPLOYMENT_KEYS, DeploymentSettings, cached_dataset, config_from_run_config, settings_from_run_config
 from .serverapp import CHECKPOINT_NAME
 
-__all__ = ["LocalFederation", "FlowerRun", "write_app", "app_pyproject", "read_result", "free_port", "APP_COMPONENTS"]
+__all__ = ["LocalFederation", "FlowerRun", "write_app", "app_pyproject", "read_result", "free_port", "node_configs",
+           "APP_COMPONENTS", "DEMO_RUN_CONFIG"]
 
 #: The components of the robustfl Flower App.
 APP_COMPONENTS = {"serverapp": "robustfl_lib.flower.apps:server_app", "clientapp": "robustfl_lib.flower.apps:client_app"}
+
+#: The run config of the small federation that chapter 14 starts and ``tests/test_flower_deploy.py``
+#: runs (one place, so that the text and the test cannot drift): three SuperNodes on digits with a
+#: Dirichlet label skew, one of them Byzantine (ALIE with local knowledge), centered clipping with
+#: f = 1, two rounds; each round waits at most two minutes, the run at most one for its nodes.
+DEMO_RUN_CONFIG: dict[str, bool | int | float | str] = {
+    "dataset": "digits", "num-clients": 3, "rounds": 2, "partition": "dirichlet", "alpha": 0.5, "lr": 0.3,
+    "local-epochs": 1, "aggregator": "centered_clipping", "byzantine-fraction": 0.34, "byzantine-attack": "alie",
+    "seed": 0, "checkpoint-every": 1, "round-timeout": 120.0, "wait-for-nodes": 60.0,
+}
+
+
+def node_configs(run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One SuperNode's ``--node-config`` per partition of ``run_config``: ``partition-id``,
+    ``num-partitions`` and, for the partitions the simulations make Byzantine
+    (:func:`~robustfl_lib.flower.byzantine_clients`), ``byzantine=true``, so that a test federation
+    attacks exactly as the simulation engine does with ``knowledge="local"``."""
+    from .federation import byzantine_clients
+
+    config = config_from_run_config(run_config)
+    byzantine = set(byzantine_clients(config))
+    return [{"partition-id": i, "num-partitions": config.num_clients, **({"byzantine": True} if i in byzantine else {})}
+            for i in range(config.num_clients)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,8 +105,14 @@ def app_pyproject(run_config: Mapping[str, Any], name: str = "robustfl-on-flower
 def write_app(folder: str | os.PathLike, run_config: Mapping[str, Any], name: str = "robustfl-on-flower",
               components: Mapping[str, str] = APP_COMPONENTS, files: Mapping[str, str] | None = None) -> Path:
     """Write a Flower App to ``folder`` (its ``pyproject.toml``, plus ``files``: name -> text) and
-    return the folder. The run config is checked first (:func:`config_from_run_config`)."""
+    return the folder. The run config is checked first (:func:`config_from_run_config`); every
+    deployment key (:data:`~robustfl_lib.flower.config.DEPLOYMENT_KEYS`) is written, at its default
+    where ``run_config`` does not set it, since ``flwr run --run-config`` only overrides keys the
+    pyproject has."""
     config_from_run_config(run_config)
+    defaults = DeploymentSettings()
+    run_config = {**{key: getattr(defaults, name) for key, name in DEPLOYMENT_KEYS.items()}, **run_config}
+    settings_from_run_config(run_config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(app_pyproject(run_config, name, components))
@@ -330,6 +360,21 @@ class LocalFederation:
 
     def log_of(self, proc: _Process) -> str:
         return proc.log.read_text(errors="replace")
+
+    def node_id(self, node: _Process, timeout: float = 60.0) -> int:
+        """The node id the SuperLink gave ``node``, as the SuperNode's own log states it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(r"SuperNode ID: (\d+)", self.log_of(node))
+            if match:
+                return int(match.group(1))
+            if node.popen.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(f"{node.name} has no node id (exit {node.popen.poll()}): {self.log_of(node)[-1500:]}")
+            time.sleep(0.2)
+
+    def messages_received(self, node: _Process) -> int:
+        """How many messages ``node`` has received so far (its log's "Receiving:" lines)."""
+        return self.log_of(node).count("Receiving:")
 
     def close(self) -> None:
         """End every process started here: SIGTERM to each process group, SIGKILL after 10 s."""

@@ -296,6 +296,7 @@ class RobustStrategy(FedAvg):
         rows, counts, order, flags, metrics, failures = [], [], [], [], [], []
         for msg in replies:
             node = self._asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            self._learn_partition(node, msg)  # also from a reply about to be dropped, to name its sender
             problem = self._check_reply(msg, global_state, keys)
             if problem:
                 failures.append(f"{self.node_name(node)}: {problem}")
@@ -308,9 +309,7 @@ class RobustStrategy(FedAvg):
             rows.append(local - global_vec)
             counts.append(_as_float(m.get(NUM_EXAMPLES_KEY)))
             pid = m.get(CLIENT_ID_KEY)
-            known = isinstance(pid, (int, float)) and not isinstance(pid, bool) and math.isfinite(pid)
-            if known:
-                self.partition_of[node] = int(pid)
+            known = _is_id(pid)
             order.append((0, int(pid), node) if known else (1, node, node))
             flags.append(bool(m.get(BYZANTINE_KEY, 0)))
             metrics.append(m)
@@ -343,6 +342,14 @@ class RobustStrategy(FedAvg):
             record.update(updates=updates, weights=weights, step=step)
         new_state = unflatten_state(global_vec + step, global_state)
         return state_to_record(new_state), _metric_mean([metrics[i] for i in perm])
+
+    def _learn_partition(self, node: int, msg: Message) -> None:
+        if msg.has_error():
+            return
+        for record in msg.content.metric_records.values():
+            pid = record.get(CLIENT_ID_KEY)
+            if _is_id(pid):
+                self.partition_of[node] = int(pid)
 
     def node_name(self, node: int) -> str:
         """``"node 123 (partition 4)"``: the node id and, once a reply has reported it, its partition."""
@@ -377,6 +384,10 @@ class RobustStrategy(FedAvg):
         if len(content.metric_records) > 1:
             return f"expected at most one MetricRecord, got {len(content.metric_records)}"
         return None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_float(value: Any) -> float:
