@@ -15,7 +15,9 @@ of ``../shared/data/mnist`` (the official test files). Then, on the first ``--po
 
 Robust accuracy is counted with the model's own forward; every adversarial batch is checked to lie
 in the linf ball (up to 1e-6: torchattacks rounds ``x + eps`` to nearest) and in [0, 1]. Times are the
-median of ``--repeats`` runs (CPU wall time on ``--threads`` threads), the attacks interleaved.
+median of ``--repeats`` runs on ``--threads`` threads, the attacks interleaved: the process's CPU time
+(``time.process_time``; on a shared machine it moves far less with the load than wall time does), and
+wall time beside it.
 Without torchattacks installed its rows are skipped with a message.
 
     python benchmarks/autoattack.py                      # digits MLP, eps 0.1, 200 points, 3 repeats
@@ -134,29 +136,34 @@ def main() -> None:
         keep = {s.strip() for s in args.only.split(",")}
         rows = [r for r in rows if r[0] in keep]
     print()
-    print("| attack | budget | ours: robust acc | torchattacks: robust acc | ours: s | torchattacks: s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| attack | budget | ours: robust acc | torchattacks: robust acc | ours: CPU s | torchattacks: CPU s "
+          "| speed-up (CPU) | ours: wall s | torchattacks: wall s | speed-up (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row, what, mine, other in rows:
         fns = [mine] + ([other] if other is not None else [])
         times: list[list[float]] = [[] for _ in fns]
+        cpu: list[list[float]] = [[] for _ in fns]
         accs: list[set[int]] = [set() for _ in fns]
         for r in range(args.repeats):
             order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
             for i in order:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 x_adv = fns[i](x, y)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[i].append(time.perf_counter() - t0)
+                cpu[i].append(time.process_time() - c0)
                 check_ball(x_adv, x, args.eps, f"{row} ({'ours' if i == 0 else 'torchattacks'})")
                 accs[i].add(robust(model, x_adv, y))
         med = [statistics.median(t) for t in times]
+        med_cpu = [statistics.median(t) for t in cpu]
         acc = [", ".join(f"{a / len(x):.1%}" for a in sorted(s)) for s in accs]
         if other is None:
-            print(f"| {row} | {what} | {acc[0]} | (not installed) | {med[0]:.2f} | | |", flush=True)
-        else:
-            print(f"| {row} | {what} | {acc[0]} | {acc[1]} | {med[0]:.2f} | {med[1]:.2f} | {med[1] / med[0]:.2f}x |",
+            print(f"| {row} | {what} | {acc[0]} | (not installed) | {med_cpu[0]:.2f} | | | {med[0]:.2f} | | |",
                   flush=True)
+        else:
+            print(f"| {row} | {what} | {acc[0]} | {acc[1]} | {med_cpu[0]:.2f} | {med_cpu[1]:.2f} | "
+                  f"{med_cpu[1] / med_cpu[0]:.2f}x | {med[0]:.2f} | {med[1]:.2f} | {med[1] / med[0]:.2f}x |", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

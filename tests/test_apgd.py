@@ -163,6 +163,7 @@ def test_seeds_and_misclassified_points():
         (dict(eps=0.1, targeted=1), TypeError),
         (dict(eps=0.1, n_target_classes=0), ValueError),
         (dict(eps=0.1, rho=1.0), ValueError),
+        (dict(eps=0.1, targeted=True, target_batch=0), ValueError),
         (dict(eps=0.1, seed="0"), TypeError),
         (dict(eps=0.1, seed=0, generator=torch.Generator()), ValueError),
         (dict(eps=0.1, bounds=(1.0, 0.0)), ValueError),
@@ -189,3 +190,27 @@ def test_cuda_matches_the_cpu_ball():
     x, y = batch((16,))
     got = APGD(0.1, steps=10, targeted=True, n_target_classes=2)(model.cuda(), x.cuda(), y.cuda())
     assert got.device.type == "cuda" and in_ball(got.cpu(), x, 0.1, "linf")
+
+
+def test_targets_batched_together_change_no_run():
+    # target_batch=1 runs APGD-T's targets one after another (each on the points no earlier target
+    # broke); by default they run as one batch of (points x targets) rows. Every run's start is drawn
+    # for the same points in the same order, so the same points are broken and each robust point gets
+    # the same worst-margin point; a broken point may come from another target's run.
+    model, data = digits_model()
+    x, y = data.x_test[:150], data.y_test[:150]
+    outs = [APGD(0.03, steps=15, targeted=True, n_target_classes=4, target_batch=b)(model, x, y) for b in (1, 3, None)]
+    with torch.no_grad():
+        masks = [model(o).argmax(1) == y for o in outs]
+    assert 20 < int(masks[0].sum()) < 140, int(masks[0].sum())  # some points broken, some robust
+    for o, robust in zip(outs[1:], masks[1:]):
+        assert torch.equal(robust, masks[0])
+        assert torch.equal(o[robust], outs[0][robust])
+        assert in_ball(o, x, 0.03, "linf")
+    # Restarts too (restart-major: each restart runs all targets).
+    a, b = (APGD(0.03, steps=10, targeted=True, n_target_classes=3, restarts=2, target_batch=t)(model, x, y)
+            for t in (1, None))
+    with torch.no_grad():
+        ra, rb = model(a).argmax(1) == y, model(b).argmax(1) == y
+    assert torch.equal(ra, rb) and torch.equal(a[ra], b[rb])
+

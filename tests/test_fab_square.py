@@ -140,6 +140,29 @@ def test_fab_t_agrees_with_apgd_on_a_trained_model():
     assert fab <= apgd + 0.03 * len(x) and fab < clean - 0.2 * len(x), (clean, apgd, fab)
 
 
+def test_fab_t_targets_batched_together_change_no_run():
+    # target_batch=1 runs FAB-T's targets one after another; by default they are one batch of
+    # (points x targets) rows. A run's iterates do not depend on the best point found so far, so the
+    # same points are found within eps; without early stopping every run goes to the end and the
+    # closest point over all runs (ties: the first target) is the same one.
+    model, data = digits_model()
+    x, y = data.x_test[:100], data.y_test[:100]
+    masks, outs = [], {}
+    for early in (True, False):
+        for b in (1, 2, None):
+            out = FAB(0.03, steps=12, n_target_classes=3, early_stop=early, target_batch=b)(model, x, y)
+            outs[early, b] = out
+            assert in_ball(out, x, 0.03, "linf")
+            with torch.no_grad():
+                masks.append(model(out).argmax(1) == y)
+    assert 10 < int(masks[0].sum()) < 90, int(masks[0].sum())
+    assert all(torch.equal(m, masks[0]) for m in masks)
+    assert torch.equal(outs[False, 1], outs[False, None]) and torch.equal(outs[False, 1], outs[False, 2])
+    # Without early stopping the result is the minimal perturbation found: it must not change either.
+    big = [FAB(1.0, steps=12, n_target_classes=3, early_stop=False, target_batch=b)(model, x, y) for b in (1, None)]
+    assert torch.equal(big[0], big[1])
+
+
 # ----------------------------------------------------------------------------- Square
 
 
@@ -210,6 +233,7 @@ def test_square_fraction_schedule():
         lambda: FAB(0.1, eta=0.5),
         lambda: FAB(0.1, beta=0.0),
         lambda: FAB(0.1, n_target_classes=0),
+        lambda: FAB(0.1, target_batch=0),
         lambda: Square(0.1, norm="l2"),
         lambda: Square(0.1, queries=0),
         lambda: Square(0.1, p_init=0.0),

@@ -23,8 +23,8 @@ from .base import (
     _check_seed,
     _draw,
     _generator,
-    _keep_worst,
     _l2_norms,
+    _one_per_point,
     _per_example,
     _project_l2,
     attack_loss,
@@ -34,6 +34,11 @@ from .base import (
 )
 
 __all__ = ["APGD", "apgd_checkpoints"]
+
+# Targets run together as one batch of (points x targets) rows up to this many input elements (or
+# the caller's batch, if larger): big enough that a CPU is not idle on per-call overhead, small enough
+# that the attack's state (about 15 copies of the rows) stays within a few hundred MB.
+_ROW_ELEMENTS = 2**20
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -101,6 +106,17 @@ class APGD(InputAttack):
     largest logit margin over all runs. Points leave a run as soon as they are misclassified (the
     others' iterates are unchanged by that; it only saves work).
 
+    The targets run together, as one batch of (points x targets) rows, ``target_batch`` targets at
+    a time (default ``None``: as many as fit in about :math:`2^{20}` input elements, or in the
+    caller's batch if that is larger); a point's rows all leave once one of them is misclassified.
+    Restarts run one after another, each over all targets. Every run's random start is drawn for
+    the points correctly classified at the call, in a fixed order (restart, then target), so no
+    draw depends on which points earlier runs broke: for any ``target_batch`` the same points are
+    broken and each robust point gets the same point (``target_batch=1`` is the sequential
+    schedule); a broken point may come from another target's run. With one target (APGD-CE,
+    APGD-DLR, or ``n_target_classes=1``) and one restart the draws are those of one start per
+    correctly classified point, as before batching.
+
     Randomness: ``seed`` (default 0) seeds a fresh generator per call; or pass ``generator``; with
     ``seed=None`` and no generator the global RNG is used. Taught in chapter
     ``01_adversarial_examples``; :class:`robustfl_lib.attacks.autoattack.AutoAttack` runs it.
@@ -118,6 +134,7 @@ class APGD(InputAttack):
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     bounds: tuple[float, float] = (0.0, 1.0)
     channels_last: bool | None = None
+    target_batch: int | None = None
 
     def __post_init__(self) -> None:
         _check_eps(self.eps)
@@ -127,6 +144,8 @@ class APGD(InputAttack):
         _check_int("steps", self.steps, 1)
         _check_int("restarts", self.restarts, 1)
         _check_int("n_target_classes", self.n_target_classes, 1)
+        if self.target_batch is not None:
+            _check_int("target_batch", self.target_batch, 1)
         _check_seed(self.seed, self.generator)
         if not isinstance(self.targeted, bool):
             raise TypeError(f"targeted must be True or False, got {self.targeted!r}")
@@ -154,36 +173,59 @@ class APGD(InputAttack):
         gen = _generator(self.seed, self.generator)
         with torch.no_grad():
             logits = forward(x)
-        if self.targeted and logits.shape[1] < 4 and self.loss == "dlr":
-            raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
-        targets: list[torch.Tensor | None] = [None]
-        if self.targeted:
-            ranked = logits.argsort(dim=1, descending=True)
-            targets = [ranked[:, r] for r in range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1)]
+        classes = logits.shape[1]
+        if self.targeted and classes < 4 and self.loss == "dlr":
+            raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {classes}")
+        n = x.shape[0]
+        k = min(self.n_target_classes, classes - 1) if self.targeted else 1
+        # targets[r, i]: the (r + 2)-th most likely clean class of point i.
+        targets = logits.argsort(dim=1, descending=True)[:, 1 : k + 1].t() if self.targeted else None
         best = x.clone()
         best_margin = logit_margin(logits, y)
-        for target in targets:
-            for _ in range(self.restarts):
+        # Random starts are drawn per (restart, target) for the points correctly classified now, in a
+        # fixed order, so that no draw depends on which points earlier runs broke: batching targets
+        # together then changes no run.
+        first_todo = (best_margin <= 0).nonzero().squeeze(1)
+        position = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        position[first_todo] = torch.arange(first_todo.numel(), device=x.device)
+        noise_shape = (first_todo.numel(), *x.shape[1:])
+        row_cap = max(n, _ROW_ELEMENTS // max(x[0].numel(), 1))
+        for _ in range(self.restarts):
+            r = 0
+            while r < k:
                 todo = (best_margin <= 0).nonzero().squeeze(1)
-                if todo.numel() == 0:
+                m = todo.numel()
+                if m == 0:
                     return best
-                t = None if target is None else target[todo]
-                _keep_worst(forward, best, best_margin, todo, self._run(forward, x[todo], y[todo], t, gen), y)
+                g = min(self.target_batch or max(1, row_cap // m), k - r)
+                kind = "uniform" if self.norm == "linf" else "normal"
+                noise = torch.cat([_draw(kind, noise_shape, x, gen)[position[todo]] for _ in range(g)])
+                point = todo.repeat(g)
+                rank = torch.arange(r, r + g, device=x.device).repeat_interleave(m)
+                target = None if targets is None else targets[rank, point]
+                cand, cand_point, cand_rank = self._run(forward, x[point], y[point], target, noise, point, rank, n)
+                with torch.no_grad():
+                    margin = logit_margin(forward(cand), y[cand_point])
+                _keep_best(best, best_margin, cand, margin, cand_point, cand_rank)
+                r += g
         return best
 
-    # -- one run on a batch, every example with its own step size and checkpoints
+    # -- one run on a batch of rows (a point with one target each), every row with its own step size
     def _run(
         self, forward: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-        gen: torch.Generator | None,
-    ) -> torch.Tensor:
+        noise: torch.Tensor, point: torch.Tensor, rank: torch.Tensor, n_points: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """APGD from ``noise``'s start for every row; rows of one point leave together once one of them
+        is misclassified. Returns candidates (each point's misclassified iterate, from its lowest-ranked
+        row that found one at that step, else every row's best point) with their points and ranks."""
         eps, linf = self.eps, self.norm == "linf"
         if linf:
             lo, hi = linf_bounds(x, eps, self.bounds)
-            t = _draw("uniform", x.shape, x, gen).mul_(2).sub_(1)
+            t = noise.mul_(2).sub_(1)
             x_adv = (x + eps * t / _per_example(t.flatten(1).abs().amax(1).clamp_min(1e-12), x)).clamp_(lo, hi)
         else:
             lo = hi = x  # unused for l2; kept so the state can be compacted alike
-            t = _draw("normal", x.shape, x, gen)
+            t = noise
             x_adv = (x + eps * t / _per_example(_l2_norms(t).clamp_min(1e-12), x)).clamp_(*self.bounds)
 
         def project(v: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -198,27 +240,31 @@ class APGD(InputAttack):
             (grad,) = torch.autograd.grad(value.sum(), point)
             return logits.detach(), value.detach(), grad
 
-        n = x.shape[0]
-        out = torch.empty_like(x)
-        idx = torch.arange(n, device=x.device)
+        rows = x.shape[0]
         logits, value, grad = value_and_grad(x_adv, y, target)
-        # Per-example state; rows leave it when their example is misclassified.
+        # Per-row state; rows leave it when their point is misclassified.
         s: dict[str, torch.Tensor | None] = {
-            "x": x, "lo": lo, "hi": hi, "y": y, "target": target, "idx": idx, "x_adv": x_adv,
+            "x": x, "lo": lo, "hi": hi, "y": y, "target": target, "point": point, "rank": rank, "x_adv": x_adv,
             "x_prev": x_adv.clone(), "grad": grad, "loss_prev": value, "x_best": x_adv.clone(),
             "grad_best": grad.clone(), "loss_best": value.clone(),
-            "step": torch.full((n,), 2.0 * eps, dtype=x.dtype, device=x.device),
-            "increases": torch.zeros(n, dtype=torch.long, device=x.device),
-            "reduced_last": torch.ones(n, dtype=torch.bool, device=x.device),
+            "step": torch.full((rows,), 2.0 * eps, dtype=x.dtype, device=x.device),
+            "increases": torch.zeros(rows, dtype=torch.long, device=x.device),
+            "reduced_last": torch.ones(rows, dtype=torch.bool, device=x.device),
             "best_last": value.clone(),
         }
+        alive = torch.ones(n_points, dtype=torch.bool, device=x.device)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def leave(fooled: torch.Tensor) -> None:
-            """Record the misclassified iterates and drop their rows from the state."""
+            """Record each newly misclassified point's iterate and drop all rows of those points."""
             if not bool(fooled.any()):
                 return
-            out[s["idx"][fooled]] = s["x_adv"][fooled]
-            keep = ~fooled
+            f = fooled.nonzero().squeeze(1)
+            pts, rk = s["point"][f], s["rank"][f]
+            pick = f[_one_per_point(torch.zeros_like(rk, dtype=x.dtype), pts, rk, n_points, largest=True)]
+            found.append((s["x_adv"][pick], s["point"][pick], s["rank"][pick]))
+            alive[pts] = False
+            keep = alive[s["point"]]
             for key, v in s.items():
                 if v is not None:
                     s[key] = v[keep]
@@ -227,7 +273,7 @@ class APGD(InputAttack):
         checkpoints = set(apgd_checkpoints(self.steps))
         previous_checkpoint = 0
         for i in range(self.steps):
-            if s["idx"].numel() == 0:
+            if s["point"].numel() == 0:
                 break
             with torch.no_grad():
                 xa, xs = s["x_adv"], s["x"]
@@ -245,9 +291,9 @@ class APGD(InputAttack):
                 s["increases"] = s["increases"] + (value > s["loss_prev"])
                 s["loss_prev"] = value
                 better = value > s["loss_best"]
-                rows = _per_example(better, xa)
-                s["x_best"] = torch.where(rows, s["x_adv"], s["x_best"])
-                s["grad_best"] = torch.where(rows, grad, s["grad_best"])
+                rows_better = _per_example(better, xa)
+                s["x_best"] = torch.where(rows_better, s["x_adv"], s["x_best"])
+                s["grad_best"] = torch.where(rows_better, grad, s["grad_best"])
                 s["loss_best"] = torch.where(better, value, s["loss_best"])
                 leave(logits.argmax(1) != s["y"])
                 if i + 1 in checkpoints:
@@ -259,10 +305,19 @@ class APGD(InputAttack):
                     s["reduced_last"], s["best_last"] = halve, s["loss_best"].clone()
                     s["step"] = torch.where(halve, s["step"] / 2, s["step"])
                     s["increases"] = torch.zeros_like(s["increases"])
-                    rows = _per_example(halve, s["x_adv"])
-                    s["x_adv"] = torch.where(rows, s["x_best"], s["x_adv"])
-                    s["grad"] = torch.where(rows, s["grad_best"], s["grad"])
-        if s["idx"].numel():
-            out[s["idx"]] = s["x_best"]
-        return out
+                    rows_halved = _per_example(halve, s["x_adv"])
+                    s["x_adv"] = torch.where(rows_halved, s["x_best"], s["x_adv"])
+                    s["grad"] = torch.where(rows_halved, s["grad_best"], s["grad"])
+        found.append((s["x_best"], s["point"], s["rank"]))
+        return tuple(torch.cat(parts) for parts in zip(*found))  # type: ignore[return-value]
 
+
+def _keep_best(
+    best: torch.Tensor, best_margin: torch.Tensor, cand: torch.Tensor, margin: torch.Tensor, point: torch.Tensor,
+    rank: torch.Tensor,
+) -> None:
+    """Per point, in place: its candidate with the largest logit margin (ties: the lowest rank) replaces
+    ``best`` where that margin is larger than ``best_margin``, as running the ranks one after another would."""
+    chosen = _one_per_point(margin, point, rank, best_margin.shape[0], largest=True) & (margin > best_margin[point])
+    best[point[chosen]] = cand[chosen]
+    best_margin[point[chosen]] = margin[chosen]

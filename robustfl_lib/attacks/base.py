@@ -226,6 +226,21 @@ def _keep_worst(
     best_margin[todo[better]] = cand_margin[better]
 
 
+def _one_per_point(values: torch.Tensor, point: torch.Tensor, rank: torch.Tensor, n_points: int,
+                   largest: bool) -> torch.Tensor:
+    """Mask of the rows that, per point, hold the largest (or smallest) of ``values``, ties broken by
+    the lowest ``rank``: one row per point among those listed in ``point``. Attacks that run several
+    targets of a point as rows of one batch use it to pick what running them one after another
+    (each kept only if strictly better) would have kept."""
+    fill = -math.inf if largest else math.inf
+    top = torch.full((n_points,), fill, dtype=values.dtype, device=values.device)
+    top.scatter_reduce_(0, point, values, "amax" if largest else "amin")
+    at_top = values == top[point]
+    lowest = torch.full((n_points,), 2**62, dtype=torch.long, device=rank.device)
+    lowest.scatter_reduce_(0, point[at_top], rank[at_top], "amin")
+    return at_top & (rank == lowest[point])
+
+
 def _channels_last_forward(model: nn.Module) -> Forward:
     """``model``'s forward with its 4-D (convolution) weights in channels-last layout.
 

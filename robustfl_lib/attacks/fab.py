@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .apgd import _ROW_ELEMENTS
 from .base import (
     Forward,
     InputAttack,
@@ -21,6 +22,7 @@ from .base import (
     _check_norm,
     _check_seed,
     _draw,
+    _one_per_point,
     _generator,
     _per_example,
     _project_l2,
@@ -106,6 +108,15 @@ class FAB(InputAttack):
     as AutoAttack needs it) lets a point leave once it has one within ``eps``; with
     ``early_stop=False`` every run keeps minimizing, so a large ``eps`` gives the minimal
     perturbation found. ``seed``/``generator`` as for :class:`~robustfl_lib.attacks.apgd.APGD`.
+
+    FAB-T's targets run together as one batch of (points x targets) rows, ``target_batch`` at a
+    time (default: as APGD's); with early stopping a point's rows leave once one of them has a
+    point within ``eps``. A run's iterates do not depend on the best point found so far, so with one
+    restart the points found within ``eps`` are those of the sequential schedule
+    (``target_batch=1``), and without early stopping so is the closest point (ties: the first
+    target). Restarts run one after another, each over all targets, from random points at half the
+    best distance over all earlier runs (the reference runs a target's restarts before the next
+    target), drawn as APGD's.
     Taught in chapter ``01_adversarial_examples``.
     """
 
@@ -123,6 +134,7 @@ class FAB(InputAttack):
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     bounds: tuple[float, float] = (0.0, 1.0)
     channels_last: bool | None = None
+    target_batch: int | None = None
 
     def __post_init__(self) -> None:
         _check_eps(self.eps)
@@ -132,6 +144,8 @@ class FAB(InputAttack):
         _check_int("steps", self.steps, 1)
         _check_int("restarts", self.restarts, 1)
         _check_int("n_target_classes", self.n_target_classes, 1)
+        if self.target_batch is not None:
+            _check_int("target_batch", self.target_batch, 1)
         _check_seed(self.seed, self.generator)
         for name in ("targeted", "early_stop"):
             if not isinstance(getattr(self, name), bool):
@@ -175,23 +189,22 @@ class FAB(InputAttack):
 
     def _run(
         self, forward: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-        start: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One FAB run from ``start``; returns the closest misclassified points (``x`` where none) and
-        their distances (``inf`` where none)."""
+        start: torch.Tensor, point: torch.Tensor, rank: torch.Tensor, best: torch.Tensor, best_norm: torch.Tensor,
+        shape: tuple[int, ...],
+    ) -> None:
+        """One FAB run from ``start`` for every row (a point with one target each, ``x`` and ``start``
+        flattened). In place, per point: ``best``/``best_norm`` take the closest misclassified iterate of
+        its rows where it is closer (ties: the lowest rank)."""
         low, high = self.bounds
-        n = x.shape[0]
-        shape = x.shape
-        best = x.flatten(1).clone()
-        best_norm = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-        s = {"x0": x.flatten(1), "x1": start.flatten(1).clone(), "y": y, "target": target,
-             "idx": torch.arange(n, device=x.device)}
+        shape = (-1, *shape)
+        n_points = best_norm.shape[0]
+        s = {"x0": x, "x1": start.clone(), "y": y, "target": target, "point": point, "rank": rank}
         for _ in range(self.steps):
-            if s["idx"].numel() == 0:
+            if s["point"].numel() == 0:
                 break
             x0, x1 = s["x0"], s["x1"]
             m = x0.shape[0]
-            f, g = self._boundary(forward, x1.view(m, *shape[1:]), s["y"], s["target"])
+            f, g = self._boundary(forward, x1.view(shape), s["y"], s["target"])
             with torch.no_grad():
                 points = torch.cat([x1, x0])
                 c = torch.cat([-f, -f - (g * (x0 - x1)).sum(1)])
@@ -201,53 +214,70 @@ class FAB(InputAttack):
                 n1, n0 = _norms(d1, self.norm), _norms(d0, self.norm)
                 alpha = (n1 / (n1 + n0).clamp_min(1e-12)).clamp(0.0, self.alpha_max)[:, None]
                 x1 = ((1 - alpha) * (x1 + self.eta * d1) + alpha * (x0 + self.eta * d0)).clamp_(low, high)
-                adv = forward(x1.view(m, *shape[1:])).argmax(1) != s["y"]
+                adv = forward(x1.view(shape)).argmax(1) != s["y"]
                 dist = _norms(x1 - x0, self.norm)
-                closer = adv & (dist < best_norm[s["idx"]])
-                best[s["idx"][closer]] = x1[closer]
-                best_norm[s["idx"][closer]] = dist[closer]
+                closer = adv & (dist < best_norm[s["point"]])
+                if bool(closer.any()):
+                    rows = closer.nonzero().squeeze(1)
+                    pts = s["point"][rows]
+                    rows = rows[_one_per_point(dist[rows], pts, s["rank"][rows], n_points, largest=False)]
+                    best[s["point"][rows]] = x1[rows]
+                    best_norm[s["point"][rows]] = dist[rows]
                 x1 = torch.where(adv[:, None], x0 + self.beta * (x1 - x0), x1)
                 s["x1"] = x1
                 if self.early_stop:
-                    keep = ~(best_norm[s["idx"]] <= self.eps)
+                    keep = ~(best_norm[s["point"]] <= self.eps)
                     if not bool(keep.all()):
                         for key, v in s.items():
                             if v is not None:
                                 s[key] = v[keep]
-        return best.view(shape), best_norm
 
     def _attack(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gen = _generator(self.seed, self.generator)
         with torch.no_grad():
             logits = forward(x)
+        n, classes = logits.shape
         correct = logits.argmax(1) == y
-        best = x.clone()
+        flat = x.flatten(1)
+        best = flat.clone()
         best_norm = torch.where(correct, math.inf, 0.0).to(x.dtype)
-        targets: list[torch.Tensor | None] = [None]
-        if self.targeted:
-            ranked = logits.argsort(dim=1, descending=True)
-            targets = [ranked[:, r] for r in range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1)]
-        for target in targets:
-            for restart in range(self.restarts):
-                todo = correct & (best_norm > self.eps) if self.early_stop else correct
+        k = min(self.n_target_classes, classes - 1) if self.targeted else 1
+        # targets[r, i]: the (r + 2)-th most likely clean class of point i.
+        targets = logits.argsort(dim=1, descending=True)[:, 1 : k + 1].t() if self.targeted else None
+        # Restarts' random starts are drawn per (restart, target) for the points correct now, in a fixed
+        # order, so that batching targets together changes no draw.
+        first_todo = correct.nonzero().squeeze(1)
+        position = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        position[first_todo] = torch.arange(first_todo.numel(), device=x.device)
+        noise_shape = (first_todo.numel(), flat.shape[1])
+        row_cap = max(n, _ROW_ELEMENTS // max(flat.shape[1], 1))
+        for restart in range(self.restarts):
+            r = 0
+            while r < k:
+                todo = (correct & (best_norm > self.eps)) if self.early_stop else correct
                 todo = todo.nonzero().squeeze(1)
-                if todo.numel() == 0:
+                m = todo.numel()
+                if m == 0:
                     break
-                xs = x[todo]
+                g = min(self.target_batch or max(1, row_cap // m), k - r)
+                point = todo.repeat(g)
+                rank = torch.arange(r, r + g, device=x.device).repeat_interleave(m)
+                xs = flat[point]
                 start = xs
                 if restart > 0:
-                    radius = 0.5 * best_norm[todo].clamp(max=self.eps)
+                    kind = "uniform" if self.norm == "linf" else "normal"
+                    t = torch.cat([_draw(kind, noise_shape, x, gen)[position[todo]] for _ in range(g)])
                     if self.norm == "linf":
-                        t = _draw("uniform", xs.shape, xs, gen).mul_(2).sub_(1)
-                        t /= _per_example(t.flatten(1).abs().amax(1).clamp_min(1e-12), t)
+                        t = t.mul_(2).sub_(1)
+                        t /= t.abs().amax(1, keepdim=True).clamp_min(1e-12)
                     else:
-                        t = _draw("normal", xs.shape, xs, gen)
-                        t /= _per_example(t.flatten(1).norm(dim=1).clamp_min(1e-12), t)
-                    start = (xs + _per_example(radius, xs) * t).clamp_(*self.bounds)
-                cand, cand_norm = self._run(forward, xs, y[todo], None if target is None else target[todo], start)
-                closer = cand_norm < best_norm[todo]
-                best[todo[closer]] = cand[closer]
-                best_norm[todo[closer]] = cand_norm[closer]
+                        t /= t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                    radius = 0.5 * best_norm[point].clamp(max=self.eps)
+                    start = (xs + radius[:, None] * t).clamp_(*self.bounds)
+                target = None if targets is None else targets[rank, point]
+                self._run(forward, xs, y[point], target, start, point, rank, best, best_norm, tuple(x.shape[1:]))
+                r += g
+        best = best.view(x.shape)
         found = _per_example(best_norm <= self.eps, x)
         if self.norm == "linf":
             lo, hi = linf_bounds(x, self.eps, self.bounds)
