@@ -30,7 +30,7 @@ CACHE = BOOK / "_build" / ".jupyter_cache"
 # the order of execution depends on them (here and in tasks.py's nbval queue): a long chapter
 # left to the end keeps one worker busy while the other idles. An unlisted chapter is placed
 # by its source's size.
-CHAPTER_SECONDS = {"00": 39, "01": 63, "02": 95, "03": 42, "04": 49, "05": 51, "06": 94, "07": 66, "08": 84,
+CHAPTER_SECONDS = {"00": 39, "01": 106, "02": 147, "03": 42, "04": 49, "05": 51, "06": 94, "07": 66, "08": 84,
                    "09": 155, "10": 46, "11": 77, "12": 108, "13": 58, "14": 267, "15": 110, "16": 110, "17": 98,
                    "18": 115}
 
