@@ -75,7 +75,7 @@ def secure(tmp_path_factory):
     try:
         fed.start()
         nodes = [fed.add_node(nc) for nc in node_configs(DEMO_RUN_CONFIG)]
-        intruder = fed.add_node({"partition-id": 0, "num-partitions": 3}, register=False, name="intruder")
+        intruder = fed.add_node({"partition-id": 0}, register=False, name="intruder")
         yield {"fed": fed, "nodes": nodes, "intruder": intruder, "work": work, "results": {}}
     finally:
         fed.close()
@@ -211,7 +211,7 @@ def test_killed_and_malformed_nodes_are_dropped_and_named(tmp_path):
     fed = LocalFederation(tmp_path / "federation")
     try:
         fed.start()
-        nodes = [fed.add_node({"partition-id": i, "num-partitions": 4, **({"fault": "malformed"} if i == 3 else {})})
+        nodes = [fed.add_node({"partition-id": i, **({"fault": "malformed"} if i == 3 else {})})
                  for i in range(4)]
         ids = [fed.node_id(node) for node in nodes]
         background = fed.run(app, {"checkpoint-dir": str(tmp_path / "ckpt")}, background=True)

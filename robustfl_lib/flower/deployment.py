@@ -59,16 +59,16 @@ DEMO_RUN_CONFIG: dict[str, bool | int | float | str] = {
 
 
 def node_configs(run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One SuperNode's ``--node-config`` per partition of ``run_config``: ``partition-id``,
-    ``num-partitions`` and, for the partitions the simulations make Byzantine
-    (:func:`~robustfl_lib.flower.byzantine_clients`), ``byzantine=true``, so that a test federation
-    attacks exactly as the simulation engine does with ``knowledge="local"``."""
+    """One SuperNode's ``--node-config`` per partition of ``run_config``: ``partition-id`` and, for
+    the partitions the simulations make Byzantine (:func:`~robustfl_lib.flower.byzantine_clients`),
+    ``byzantine=true``, so that a test federation attacks exactly as the simulation engine does with
+    ``knowledge="local"``. (No ``num-partitions``: the apps take the number of clients from the run
+    config, and a node config key that nothing reads would only mislead.)"""
     from .federation import byzantine_clients
 
     config = config_from_run_config(run_config)
     byzantine = set(byzantine_clients(config))
-    return [{"partition-id": i, "num-partitions": config.num_clients, **({"byzantine": True} if i in byzantine else {})}
-            for i in range(config.num_clients)]
+    return [{"partition-id": i, **({"byzantine": True} if i in byzantine else {})} for i in range(config.num_clients)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,7 +93,8 @@ def app_pyproject(run_config: Mapping[str, Any], name: str = "robustfl-on-flower
     """The ``pyproject.toml`` of a Flower App running ``components`` with ``run_config``
     (kebab-case FLConfig fields and deployment keys: :mod:`robustfl_lib.flower.config`)."""
     lines = ["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-             "[project]", f'name = "{name}"', 'version = "1.0.0"', 'license = "MIT"',
+             "[project]", f'name = "{name}"', 'version = "1.0.0"',
+             'description = "robustfl: robust aggregation and Byzantine clients as a Flower App"', 'license = "MIT"',
              'dependencies = ["robustfl[flower]"]', "", "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
              "[tool.flwr.app]", 'publisher = "robustfl"', "", "[tool.flwr.app.components]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in components.items()]
@@ -277,7 +278,7 @@ class LocalFederation:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log.read_text()[-2000:]}")
 
     def add_node(self, node_config: Mapping[str, Any], register: bool = True, name: str | None = None) -> _Process:
-        """Start a SuperNode with ``node_config`` (``{"partition-id": 0, "num-partitions": 3, ...}``).
+        """Start a SuperNode with ``node_config`` (``{"partition-id": 0, "byzantine": True}``).
         With authentication, its key is made and, if ``register``, registered first; an unregistered
         node is one the SuperLink must refuse."""
         name = name or f"supernode-{len(self.nodes)}"
