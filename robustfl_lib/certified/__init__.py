@@ -3,7 +3,7 @@
 Modules: :mod:`~robustfl_lib.certified.bounds` (:func:`ibp_bounds`, :func:`crown_ibp_bounds`,
 :func:`margin_bounds`), :mod:`~robustfl_lib.certified.accuracy` (:func:`verified_accuracy`) and
 :mod:`~robustfl_lib.certified.training` (:class:`CertifiedLoss`, the ramps). Gowal et al. 2018;
-Zhang et al. 2020. Taught in the certified-robustness chapter.
+Zhang et al. 2020. Taught in chapter ``19_certified_linf_robustness``.
 """
 
 from .accuracy import *  # noqa: F401,F403

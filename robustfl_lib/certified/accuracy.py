@@ -6,7 +6,7 @@ A point ``(x, y)`` is *verified* at ``eps`` when a sound lower bound of
 perturbation in the ball changes the prediction, and no attack can succeed, so verified accuracy
 is at most the robust accuracy under any attack, and at ``eps = 0`` it is the clean accuracy up
 to ties. Gowal et al. 2018 and Zhang et al. 2020 report it as "verified accuracy" (one minus the
-verified error). Taught in the certified-robustness chapter.
+verified error). Taught in chapter ``19_certified_linf_robustness``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
 def verified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str = "ibp",
                       batch_size: int = 1024) -> float:
     """Share of ``(x, y)`` verified at ``eps`` (:func:`verified`): IBP (Gowal et al. 2018) or
-    CROWN-IBP (Zhang et al. 2020) bounds. The certified-robustness chapter."""
+    CROWN-IBP (Zhang et al. 2020) bounds. Chapter ``19_certified_linf_robustness``."""
     if len(x) == 0:
         raise ValueError("x and y are empty")
     return float(verified(model, x, y, eps, method, batch_size).float().mean())

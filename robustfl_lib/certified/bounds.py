@@ -37,7 +37,7 @@ subtracting logit bounds. Supported layers: ``nn.Sequential`` stacks (nested too
 counted), ``BatchNorm1d/2d`` and ``Dropout`` in eval mode, ``Identity``; any other layer raises a
 ``TypeError`` naming it, a BatchNorm or Dropout layer in train mode a ``ValueError`` (its output
 depends on the batch or on chance, so no bound of the deterministic model applies). Everything is
-vectorised over the batch and runs on the device of ``x``. Taught in the certified-robustness chapter.
+vectorised over the batch and runs on the device of ``x``. Taught in chapter ``19_certified_linf_robustness``.
 """
 
 from __future__ import annotations
@@ -303,8 +303,8 @@ def _check_method(method: str) -> None:
 def ibp_bounds(model: nn.Module, x: torch.Tensor, eps: float, params: Params = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval bounds ``(lower, upper)``, each (N, classes), on ``model``'s logits over the box
-    :math:`[\\max(x - \\epsilon, 0), \\min(x + \\epsilon, 1)]` (Gowal et al. 2018; the
-    certified-robustness chapter). Differentiable in the model's parameters (IBP training).
+    :math:`[\\max(x - \\epsilon, 0), \\min(x + \\epsilon, 1)]` (Gowal et al. 2018; chapter
+    ``19_certified_linf_robustness``). Differentiable in the model's parameters (IBP training).
     ``params`` overrides parameters by their ``named_parameters`` name (as
     ``torch.func.functional_call`` does)."""
     _check_input(x, eps)
@@ -319,7 +319,7 @@ def crown_ibp_bounds(model: nn.Module, x: torch.Tensor, eps: float, params: Para
     (Zhang et al. 2020): IBP bounds for the intermediate layers, one backward CROWN pass for the
     logits, with the specification ``[I; -I]`` (an upper bound is minus the lower bound of
     :math:`-z`). Not always tighter than :func:`ibp_bounds` (see the module's docstring).
-    The certified-robustness chapter."""
+    Chapter ``19_certified_linf_robustness``."""
     _check_input(x, eps)
     layers = bound_layers(model)
     lo, hi = input_box(x, eps)
@@ -337,7 +337,7 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     with :math:`\\underline m_y = 0`: IBP with the last layer elided (``method="ibp"``) or CROWN-IBP
     started from the margin specification (``"crown-ibp"``). ``x`` is certified when every
     :math:`\\underline m_j > 0`, :math:`j \\ne y` (:func:`~robustfl_lib.certified.verified_accuracy`); the
-    certified losses use :math:`-\\underline m` as worst-case logits. The certified-robustness chapter."""
+    certified losses use :math:`-\\underline m` as worst-case logits. Chapter ``19_certified_linf_robustness``."""
     _check_input(x, eps)
     _check_method(method)
     if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.shape != x.shape[:1]:

@@ -15,8 +15,8 @@ weight :math:`\beta` (the paper ramps it from 1 to 0 with eps). A large eps from
 stalls training, so eps is ramped linearly from 0 after a warm-up, and :math:`\kappa` from 1 down to
 its final value (0.5 in Gowal et al.): :class:`LinearRamp`, :func:`gowal_schedules`.
 :class:`CertifiedLoss` plugs into :func:`robustfl_lib.training.train`'s ``loss_fn`` hook and counts
-its own steps; the federated clients ramp by round (``FLConfig.cert_*``). Taught in the
-certified-robustness chapter.
+its own steps; the federated clients ramp by round (``FLConfig.cert_*``). Taught in chapter
+``19_certified_linf_robustness``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def certified_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                           beta: float = 0.0, params: Params = None) -> torch.Tensor:
     """Per-sample certified loss (N,): :math:`\\kappa\\,\\mathrm{CE}(z(x), y) + (1 - \\kappa)\\,
     \\mathrm{CE}(-[(1 - \\beta)\\underline m_{IBP} + \\beta \\underline m_{CROWN-IBP}], y)` at the given
-    eps, kappa, beta (the module's docstring; the certified-robustness chapter). Terms whose weight
+    eps, kappa, beta (the module's docstring; chapter ``19_certified_linf_robustness``). Terms whose weight
     is 0 are not computed."""
     _check_values(eps, kappa, beta)
     layers = bound_layers(model)
@@ -129,7 +129,7 @@ class CertifiedLoss:
     (:class:`LinearRamp`, :func:`gowal_schedules`); ``method="ibp"`` fixes beta at 0 (Gowal et al.
     2018), ``"crown-ibp"`` defaults it to 1 (Zhang et al. 2020, who ramp it from 1 to 0 with eps:
     ``beta=LinearRamp(1.0, 0.0, warmup, ramp)``). ``step`` counts the calls (one per minibatch);
-    :meth:`reset` sets it back to 0. The certified-robustness chapter.
+    :meth:`reset` sets it back to 0. Chapter ``19_certified_linf_robustness``.
     """
 
     def __init__(self, eps: float | Schedule, method: str = "ibp", kappa: float | Schedule = 0.5,
