@@ -46,11 +46,17 @@ def test_standard_fast_and_apgd_ce_in_order_with_their_bookkeeping():
     assert standard.last_info["components"]["apgd-t"]["robust_after"] == n_fast
 
 
-def test_l2_standard_says_square_is_left_out():
+def test_l2_standard_runs_all_four_in_their_l2_versions():
     model, data = digits_model()
-    attack = AutoAttack(0.5, norm="l2", steps=5, n_target_classes=2)
-    attack(model, data.x_test[:20], data.y_test[:20])
-    assert "Square" in attack.last_info["note"] and "square" not in attack.last_info["components"]
+    x, y = data.x_test[:60], data.y_test[:60]
+    attack = AutoAttack(0.5, norm="l2", steps=5, queries=100, n_target_classes=2)
+    parts = dict(attack.components())
+    assert list(parts) == ["apgd-ce", "apgd-t", "fab-t", "square"] and all(p.norm == "l2" for p in parts.values())
+    x_adv = attack(model, x, y)
+    info = attack.last_info
+    assert list(info["components"]) == ["apgd-ce", "apgd-t", "fab-t", "square"] and "note" not in info
+    assert info["robust"] == robust_count(model, x_adv, y)
+    assert bool(((x_adv - x).flatten(1).norm(dim=1) <= 0.5 * (1 + 1e-5)).all())
 
 
 def test_components_and_seed():

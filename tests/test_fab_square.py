@@ -9,6 +9,7 @@ from torch import nn
 
 from attack_contract import batch, check_contract, digits_model, in_ball, robust_count
 from robustfl_lib import APGD, FAB, Square, hyperplane_projection, square_fraction
+from robustfl_lib.attacks.square import _eta, _pseudo_gaussian, _window_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,7 +235,7 @@ def test_square_fraction_schedule():
         lambda: FAB(0.1, beta=0.0),
         lambda: FAB(0.1, n_target_classes=0),
         lambda: FAB(0.1, target_batch=0),
-        lambda: Square(0.1, norm="l2"),
+        lambda: Square(0.1, norm="l1"),
         lambda: Square(0.1, queries=0),
         lambda: Square(0.1, p_init=0.0),
         lambda: Square(0.1, loss="dlr"),
@@ -251,3 +252,92 @@ def test_bad_types():
         FAB(0.1, targeted="yes")
     with pytest.raises(TypeError):
         Square(0.1, seed=1.5)
+
+
+# ----------------------------------------------------------------------------- Square, l2
+
+
+def _eta_by_rectangles(a: int, b: int) -> torch.Tensor:
+    """The paper's construction written out: add 1 / (k + 1)^2 on the rectangle of half-size k around
+    the centre, for k = 0 .. max(a // 2, b // 2), then normalize."""
+    out = torch.zeros(a, b, dtype=torch.float64)
+    for k in range(max(a // 2, b // 2) + 1):
+        out[max(a // 2 - k, 0): a // 2 + k + 1, max(b // 2 - k, 0): b // 2 + k + 1] += 1.0 / (k + 1) ** 2
+    return out / out.norm()
+
+
+@pytest.mark.parametrize("a, b", [(1, 1), (2, 5), (3, 7), (4, 4), (6, 3)])
+def test_l2_bumps_are_the_nested_rectangles(a, b):
+    assert torch.allclose(_eta(a, b), _eta_by_rectangles(a, b), rtol=1e-12, atol=0)
+    g = _pseudo_gaussian(a, b)
+    long_side = g if a >= b else g.t()
+    half = long_side.shape[0] // 2
+    assert g.norm().item() == pytest.approx(1.0, rel=1e-12)
+    assert bool((long_side[:half] > 0).all()) and bool((long_side[half:] < 0).all())
+
+
+def _l2_proposal_by_hand(best, x, eps, sh, sw, u, bounds=(0.0, 1.0)):
+    """One l2 Square proposal per example with explicit window slices, in float64 (the paper's update:
+    window 1 gets a fresh bump plus its old direction, rescaled to carry the mass of both windows;
+    window 2 is emptied; the whole perturbation goes back to norm eps)."""
+    n, c, h, w = best.shape
+    out = torch.empty_like(best)
+    for i in range(n):
+        t1, l1 = int(u[i, 0] * (h - sh + 1)), int(u[i, 1] * (w - sw + 1))
+        t2, l2 = int(u[i, 2] * (h - sh + 1)), int(u[i, 3] * (w - sw + 1))
+        bump = _pseudo_gaussian(sh, sw)
+        if sh == sw and u[i, 4] < 0.5:
+            bump = bump.t()
+        delta = best[i] - x[i]
+        union = torch.zeros(h, w, dtype=torch.bool)
+        union[t1:t1 + sh, l1:l1 + sw] = True
+        union[t2:t2 + sh, l2:l2 + sw] = True
+        total = float((delta ** 2).sum())
+        new = delta.clone()
+        for ch in range(c):
+            win = delta[ch, t1:t1 + sh, l1:l1 + sw]
+            sign = -1.0 if u[i, 5 + ch] < 0.5 else 1.0
+            fresh = sign * bump + win / max(float(win.norm()), 1e-12)
+            mass = max(eps ** 2 - total, 0.0) / c + float((delta[ch][union] ** 2).sum())
+            new[ch][union] = 0.0
+            new[ch, t1:t1 + sh, l1:l1 + sw] = fresh / float(fresh.norm()) * mass ** 0.5
+        out[i] = (x[i] + eps * new / float(new.norm())).clamp(*bounds)
+    return out
+
+
+def test_l2_proposal_is_the_papers_update():
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w, eps = 7, 2, 9, 8, 1.5
+    x = torch.rand(n, c, h, w, generator=g, dtype=torch.float64)
+    start = (x + 0.3 * torch.randn(n, c, h, w, generator=g, dtype=torch.float64)).clamp(0, 1)
+    square = Square(eps, norm="l2")
+    for sh, sw in [(3, 3), (5, 5), (3, 8)]:
+        rows_t, cols_t = _window_tables(h, sh, x), _window_tables(w, sw, x)
+        positions = torch.tensor([h - sh + 1, w - sw + 1], dtype=x.dtype)
+        got = square._l2_candidate(start, x, n, c, sh, sw, rows_t, cols_t, positions, torch.Generator().manual_seed(5))
+        u = torch.rand((n, 5 + c), generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+        assert torch.allclose(got, _l2_proposal_by_hand(start, x, eps, sh, sw, u), rtol=0, atol=1e-12), (sh, sw)
+
+
+def test_square_l2_stays_on_the_sphere_and_breaks_points():
+    # Away from the box's faces nothing is clipped: every iterate has norm exactly eps.
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+    x = 0.4 + 0.2 * torch.rand(30, 3, 4, 4, generator=g)
+    y = torch.randint(0, 5, (30,), generator=g)
+    x_adv = Square(0.05, norm="l2", queries=40)(model, x, y)
+    norms = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 0.05), rtol=1e-5), norms
+    check_contract(Square(0.6, norm="l2", queries=25))
+    for shape in [(6, 6), (17,)]:
+        xs, ys = batch(shape)
+        flat = nn.Sequential(nn.Flatten(), nn.Linear(torch.tensor(shape).prod().item(), 5))
+        assert in_ball(Square(0.4, norm="l2", queries=20)(flat, xs, ys), xs, 0.4, "l2")
+    # On the digits MLP it breaks points, more with a larger budget, no gradient taken.
+    model, data = digits_model()
+    watched = Watched(model)
+    x, y = data.x_test[:100], data.y_test[:100]
+    clean = robust_count(model, x, y)
+    counts = [robust_count(model, Square(e, norm="l2", queries=300)(watched, x, y), y) for e in (0.5, 1.5)]
+    assert not any(watched.grad_enabled)
+    assert counts[1] < counts[0] < clean and counts[1] < 0.5 * clean, (clean, counts)

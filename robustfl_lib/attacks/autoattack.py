@@ -33,8 +33,7 @@ class AutoAttack(InputAttack):
     restart each. ``"fast"`` is APGD-CE + APGD-T, the book's CPU budget. Robust accuracy under it is
     :math:`\frac1n \sum_i 1[\forall a: f(a(x_i)) = y_i]`, the per-point worst case over the
     components; like any attack's it is an upper bound on the true robust accuracy. For
-    ``norm="l2"`` the standard version has no Square (it is implemented for linf only here) and
-    says so in :attr:`last_info`.
+    ``norm="l2"`` the standard version runs the same four attacks in their l2 versions.
 
     ``steps``, ``queries`` and ``n_target_classes`` shrink the budget (defaults: the reference's).
     After each call :attr:`last_info` holds, per component, how many points it broke
@@ -81,8 +80,8 @@ class AutoAttack(InputAttack):
         if self.version == "standard":
             parts.append(("fab-t", FAB(self.eps, targeted=True, steps=self.steps,
                                        n_target_classes=self.n_target_classes, **common)))
-            if self.norm == "linf":
-                parts.append(("square", Square(self.eps, queries=self.queries, seed=self.seed, bounds=self.bounds)))
+            parts.append(("square", Square(self.eps, norm=self.norm, queries=self.queries, seed=self.seed,
+                                           bounds=self.bounds, channels_last=self.channels_last)))
         return parts
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,8 +92,6 @@ class AutoAttack(InputAttack):
         info["points"] = len(x)
         info["clean"] = int(robust.sum())
         info["components"] = {}
-        if self.version == "standard" and self.norm != "linf":
-            info["note"] = "Square is linf only here: the l2 standard version runs APGD-CE, APGD-T and FAB-T"
         x_adv = x.clone()
         for name, attack in self.components():
             todo = robust.nonzero().squeeze(1)
