@@ -38,15 +38,7 @@ from robustfl_lib.flower import (  # noqa: E402
 # ------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages made outside a Flower run need the identity a SuperLink would give them."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # conftest.py
 
 
 class StubGrid:
