@@ -146,14 +146,17 @@ def plot_accuracy_heatmap(grid: Mapping[str, Mapping[str, object]], ax=None, tit
     rows, cols = list(grid), list(next(iter(grid.values())))
     acc = np.array([[final_accuracy(grid[r][c], last) for c in cols] for r in rows])
     ax = _axes(ax, (1.0 + 0.75 * len(cols), 0.8 + 0.45 * len(rows)))
-    cmap = plt.get_cmap("RdYlGn").copy()
+    # cividis, not a red-green map: its lightness rises with accuracy, so readers with a red-green
+    # colour vision deficiency (and a grey-scale print) read the same order.
+    cmap = plt.get_cmap("cividis").copy()
     cmap.set_bad("lightgray")
     ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i in range(len(rows)):
         for j in range(len(cols)):
             run = grid[rows[i]][cols[j]]
+            dark = np.isfinite(acc[i, j]) and acc[i, j] < 0.5  # white text on cividis's dark blue half
             ax.text(j, i, run.kind if isinstance(run, RunFailure) else f"{acc[i, j]:.2f}", ha="center", va="center",
-                    fontsize=7)
+                    fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(len(cols)), [c.replace("_", " ") for c in cols], rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     if title:
