@@ -4,7 +4,8 @@
   ``[0, 1]``, labels int64. ``"digits"`` (scikit-learn's bundled 8x8 handwritten
   digits) works offline and is the default of every chapter; ``"mnist"`` and
   ``"fashion_mnist"`` are read from gzipped IDX files, downloaded and
-  hash-checked only when ``download=True``.
+  hash-checked only when ``download=True``; ``"cifar10"`` is read from the python-pickle
+  release ``cifar-10-python.tar.gz`` under the same rules (:mod:`robustfl_lib.data_cifar`).
 * :func:`partition` splits a label vector among clients: IID, Dirichlet label
   skew (Hsu et al. 2019) or label shards (McMahan et al. 2017).
 
@@ -29,6 +30,7 @@ import torch
 __all__ = [
     "Dataset",
     "IDXError",
+    "CIFARError",
     "DATASETS",
     "load_dataset",
     "read_idx",
@@ -42,6 +44,11 @@ __all__ = [
 
 class IDXError(ValueError):
     """An IDX file is truncated, corrupt, or not an IDX file at all."""
+
+
+class CIFARError(ValueError):
+    """The CIFAR-10 archive or one of its pickled batches is truncated, corrupt, or not in the
+    format of the python release (:mod:`robustfl_lib.data_cifar`)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,12 @@ DATASETS: dict[str, dict] = {
             "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
         ),
+    },
+    # The python-pickle release of CIFAR-10 (Krizhevsky 2009) and its published md5 (the one torchvision checks).
+    "cifar10": {
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "mirrors": ("https://www.cs.toronto.edu/~kriz/",),
+        "classes": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     },
 }
 
@@ -262,18 +275,21 @@ def load_dataset(
     ----------
     name:
         ``"digits"`` (1,797 8x8 images bundled with scikit-learn, offline),
-        ``"mnist"`` or ``"fashion_mnist"`` (28x28, IDX files under ``root``).
+        ``"mnist"`` or ``"fashion_mnist"`` (28x28, IDX files under ``root``),
+        ``"cifar10"`` (3x32x32, ``cifar-10-python.tar.gz`` under ``root``:
+        :func:`robustfl_lib.data_cifar.load_cifar10`).
     root:
-        Folder of the IDX files; default ``$ROBUSTFL_DATA/<name>`` or
-        ``~/.cache/robustfl/<name>``.
+        Folder of the IDX files (or of the CIFAR-10 archive); default
+        ``$ROBUSTFL_DATA/<name>`` or ``~/.cache/robustfl/<name>``.
     download:
-        Fetch missing IDX files from the canonical mirrors and check their md5.
+        Fetch missing files from the canonical mirrors and check their md5.
     seed, test_fraction:
         The stratified train/test split of ``digits`` (and of ``files="t10k"``).
     files:
         ``"all"`` uses the official train and test files; ``"t10k"`` uses only
         the 10,000 official test images, split stratified by ``test_fraction``
-        (``test_fraction=0.2`` gives the 8,000/2,000 split of the benchmarks).
+        (``test_fraction=0.2`` gives the 8,000/2,000 split of the benchmarks);
+        for CIFAR-10, its test batch.
     """
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
@@ -293,6 +309,10 @@ def load_dataset(
 
     spec = DATASETS[key]
     root = Path(root) if root is not None else default_root() / key
+    if key == "cifar10":
+        from .data_cifar import load_cifar10  # imports this module: loaded on first use
+
+        return load_cifar10(root, download=download, files=files, seed=seed, test_fraction=test_fraction)
     if files == "all":
         x_tr, y_tr = _to_tensors(*_idx_pair(root, "train", spec, key, download), 255.0)
         x_te, y_te = _to_tensors(*_idx_pair(root, "t10k", spec, key, download), 255.0)
