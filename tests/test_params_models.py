@@ -64,7 +64,7 @@ def test_models_sized_from_shape(name, shape):
 
 def test_model_errors():
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("resnet", (1, 8, 8), 10)
+        build_model("vgg16", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="H, W >= 4"):
         SmallCNN((1, 2, 2), 10)
     with pytest.raises(ValueError, match="num_classes"):

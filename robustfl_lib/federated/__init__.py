@@ -16,6 +16,10 @@ One round of FedAvg-style training (McMahan et al. 2017):
 5. the global model is evaluated on held-out test data: clean accuracy, and
    robust accuracy under PGD when ``eval_eps`` is set.
 
+The vector a client sends holds every float entry of the model's state: BatchNorm's running
+statistics go through the aggregator with the weights, its integer ``num_batches_tracked`` stays
+with the global model (:mod:`robustfl_lib.params`, "BatchNorm in federated learning").
+
 Clients train with plain SGD (``local_training="standard"``) or adversarially
 (``"adversarial"``: PGD inside every minibatch, :func:`robustfl_lib.training.adversarial_train`).
 With ``vectorized=True`` all participating clients of a round train in one batched

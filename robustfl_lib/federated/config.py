@@ -30,6 +30,12 @@ _EPS = 1e-9
 class FLConfig:
     """Settings of one federated run (all have defaults that run on digits in seconds).
 
+    Model: ``model`` names a builder of :func:`robustfl_lib.models.build_model` (``"mlp"``,
+    ``"cnn"``, ``"cifar_cnn"``, ``"resnet8"``, ``"resnet20"``, ``"resnet18"``), sized from the
+    dataset; ``model_kwargs`` are its keywords (``{"bn_momentum": None}``). A BatchNorm model's
+    running statistics are aggregated by the run's rule and its integer counters kept aside
+    (:mod:`robustfl_lib.params`); it trains client by client even with ``vectorized=True``.
+
     Byzantine clients: ``byzantine_fraction`` of the ``num_clients`` clients
     (rounded down) are Byzantine, the same ones all run (fixed by ``seed``);
     ``byzantine_attack`` is a name from :data:`robustfl_lib.byzantine.ATTACKS`
@@ -118,7 +124,8 @@ class FLConfig:
     eval_steps: int = 10  #: ... PGD steps of that evaluation
     eval_every: int = 1  #: evaluate every k rounds (and always after the last)
     dropout: float = 0.0  #: probability that a participant does not answer in a round
-    vectorized: bool = True  #: train a round's clients in one batched computation
+    vectorized: bool = True  #: train a round's clients in one batched computation (models with buffers, e.g.
+    #: BatchNorm: client by client)
     checkpoint_every: int = 1  #: with a checkpoint_dir, save every k rounds (and after the last)
     seed: int = 0
     device: str | None = None
@@ -126,6 +133,7 @@ class FLConfig:
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     attack_rounds: tuple[int, int] | None = None  #: (first, last) rounds in which Byzantine clients attack (None: all)
     server_root_size: int = 0  #: training samples held out for the server (FLTrust's root data; 0: none)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  #: keywords of build_model (e.g. {"bn_momentum": None})
 
     def attacks_in_round(self, rnd: int) -> bool:
         """Whether the Byzantine clients attack in round ``rnd`` (``attack_rounds``; always when it is None)."""
@@ -154,6 +162,8 @@ class FLConfig:
         """Raise ``ValueError`` naming the first setting that cannot work."""
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError(f"model_kwargs must be a dict of keyword arguments of build_model, got {self.model_kwargs!r}")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(
                 f"clients_per_round must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}"

@@ -150,7 +150,7 @@ class _Simulation:
         reset_objects(self.attack)  # e.g. a Mimic that fixes its target in the first round
         self.byzantine = byzantine_clients(config.num_clients, config.num_byzantine, config.seed)
         self.poison = self.attack if isinstance(self.attack, DataPoisoning) else None
-        self.model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+        self.model = build_model(config.model, data.input_shape, data.num_classes, **config.model_kwargs).to(device)
         self.rng = np.random.default_rng(config.seed)
         self.eval_attack = config.eval_attack() if config.eval_eps is not None else None
         #: Every client's momentum (None: clients send their updates, bitwise as without the feature).

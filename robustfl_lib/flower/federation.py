@@ -41,6 +41,7 @@ def check_flower_config(config: FLConfig) -> None:
       :class:`~robustfl_lib.federated.WorkerMomentum`);
     * ``server_root_size > 0``: the server's root data and its own update (FLTrust) are not
       wired into the ServerApp.
+    * ``model_kwargs``: the apps build ``config.model`` with the builder's defaults.
 
     Chapter ``14_scaling_out_with_flower``.
     """
@@ -51,6 +52,9 @@ def check_flower_config(config: FLConfig) -> None:
     if config.server_root_size > 0:
         raise ValueError(f"server_root_size={config.server_root_size} (the server's root data, e.g. for FLTrust) is "
                          "not supported by the Flower apps; use run_federated, or server_root_size=0")
+    if config.model_kwargs:  # the apps build config.model with its defaults; refuse rather than ignore the keywords
+        raise ValueError(f"model_kwargs={config.model_kwargs!r} is not supported by the Flower apps; use "
+                         "run_federated, or model_kwargs={}")
 
 
 def num_byzantine(config: FLConfig) -> int:
