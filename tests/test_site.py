@@ -1,7 +1,9 @@
 """Browser check of the built book: every page loads in headless Chromium with no broken
 image, no error output cell, at least one figure per chapter and a dropdown for every
-exercise's solution; a screenshot of
-each page is saved to book/_build/screenshots/.
+exercise's solution; every formula is typeset by the MathJax the site serves itself (the
+check refuses every request that is not to the local server, so a CDN copy would fail it)
+and no raw TeX is left in the text; every figure a chapter's cell draws has a caption and
+alt text. A screenshot of each page is saved to book/_build/screenshots/.
 
 Needs the site (``python tasks.py book``) and Chromium (Debian's ``chromium`` package) with
 the ``playwright`` Python package. ``python tasks.py test`` builds the site first and sets
@@ -21,8 +23,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / "book" / "_build" / "html"
-SHOTS = REPO / "book" / "_build" / "screenshots"
+# ROBUSTFL_SITE=<folder> checks another build's html folder (e.g. a small book of two chapters);
+# its screenshots go beside it.
+SITE = Path(os.environ.get("ROBUSTFL_SITE") or REPO / "book" / "_build" / "html").resolve()
+SHOTS = SITE.parent / "screenshots"
 REQUIRED = os.environ.get("ROBUSTFL_REQUIRE_SITE") == "1"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -78,7 +82,7 @@ def browser():
         b.close()
 
 
-_CHECKS = """() => {
+_CHECKS = r"""() => {
   const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
   const errors = [...document.querySelectorAll('.cell_output .output.traceback, .cell_output .output.error')]
                    .map(e => e.innerText.slice(0, 200));
@@ -86,9 +90,46 @@ _CHECKS = """() => {
   const solutions = [...document.querySelectorAll('div.solution')];
   const dropdowns = solutions.filter(s => s.classList.contains('dropdown') || s.tagName === 'DETAILS'
                                         || s.closest('details') !== null).length;
-  const figures = document.querySelectorAll('.cell_output img').length;
-  return {broken, errors, exercises, solutions: solutions.length, dropdowns, figures,
-          title: document.title, mainText: (document.querySelector('main') || document.body).innerText.length};
+  const drawn = [...document.querySelectorAll('.cell_output img')];
+  const name = i => (i.getAttribute('src') || '').split('/').pop();
+  // A figure is captioned when myst-nb wrapped it in <figure> with a non-empty <figcaption>.
+  const uncaptioned = drawn.filter(i => {
+    const cap = i.closest('figure') && i.closest('figure').querySelector('figcaption');
+    return !(cap && cap.innerText.trim());
+  }).map(name);
+  const main = document.querySelector('main') || document.body;
+  const noAlt = [...main.querySelectorAll('img')].filter(i => !(i.getAttribute('alt') || '').trim()).map(name);
+  // Without `mystnb: image: alt:` myst-nb writes the image's file name as its alt text: says nothing.
+  const fileAlt = drawn.filter(i => /\.(png|svg|jpe?g|gif)$/i.test((i.getAttribute('alt') || '').trim())).map(name);
+  // Formulas: Sphinx marks every one (inline, display, amsmath) with class "math"; typeset, it holds an
+  // <mjx-container>. Raw TeX left in the text is looked for outside code, where "$$" or "\(" may be legitimate.
+  const formulas = [...document.querySelectorAll('.math')];
+  const untypeset = formulas.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.trim().slice(0, 80));
+  const text = document.body.cloneNode(true);  // the sidebar too: it lists chapter titles that hold math
+  text.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight').forEach(e => e.remove());
+  const rawTex = [];
+  for (const re of [/\$\$/g, /\\\(|\\\)/g, /\\\[|\\\]/g, /\\begin\{/g, /\$[^$\n]*\\[A-Za-z]+[^$\n]*\$/g]) {
+    for (const m of text.textContent.matchAll(re)) {
+      const at = m.index;
+      rawTex.push(text.textContent.slice(Math.max(0, at - 30), at + 40).replace(/\s+/g, ' '));
+    }
+  }
+  const mathjax = [...document.scripts].map(s => s.src).filter(s => /mathjax/i.test(s));
+  return {broken, errors, exercises, solutions: solutions.length, dropdowns, figures: drawn.length, uncaptioned,
+          noAlt, fileAlt, formulas: formulas.length, untypeset, rawTex: rawTex.slice(0, 5), mathjax,
+          title: document.title, mainText: main.innerText.length};
+}"""
+
+# MathJax starts after the page's load event (its script is deferred and loads its components
+# itself); wait for its startup promise, which resolves once the page is typeset.
+_TYPESET = """async () => {
+  if (!document.querySelector('.math')) return 'no formulas';
+  for (let i = 0; i < 150 && !(window.MathJax && MathJax.startup && MathJax.startup.promise); i++) {
+    await new Promise(r => setTimeout(r, 100));
+  }
+  if (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) return 'MathJax did not start';
+  await MathJax.startup.promise;
+  return 'typeset';
 }"""
 
 
@@ -97,8 +138,21 @@ def test_page_renders(server, browser, page):
     SHOTS.mkdir(parents=True, exist_ok=True)
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     # The check runs offline: anything not served from localhost is refused at once.
-    ctx.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server) else route.abort())
+    refused: list[str] = []
+    missing: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith(server):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    ctx.route("**/*", route)
     tab = ctx.new_page()
+    # A local 404 is a file the build did not copy (a MathJax component or font, an image).
+    tab.on("response", lambda resp: missing.append(resp.url) if resp.status >= 400
+           and not resp.url.endswith("/favicon.ico") else None)
     try:
         response = tab.goto(f"{server}/{page}", wait_until="load", timeout=30_000)
         assert response is not None and response.ok, f"{page}: HTTP {response.status if response else 'no response'}"
@@ -106,6 +160,7 @@ def test_page_renders(server, browser, page):
         if redirect:  # e.g. index.html -> intro.html: check the page it lands on
             tab.wait_for_url(f"**/{redirect.group(1)}", timeout=10_000)
             tab.wait_for_load_state("load")
+        typeset = tab.evaluate(_TYPESET)
         report = tab.evaluate(_CHECKS)
         tab.screenshot(path=str(SHOTS / (page.replace("/", "__").removesuffix(".html") + ".png")), full_page=True)
     finally:
@@ -115,6 +170,19 @@ def test_page_renders(server, browser, page):
     assert not report["errors"], f"{page}: error output cells {report['errors']}"
     assert report["solutions"] >= report["exercises"], f"{page}: {report['exercises']} exercises but {report['solutions']} solutions"
     assert report["dropdowns"] == report["solutions"], f"{page}: a solution is not in a dropdown"
+    assert not missing, f"{page}: files the site lacks (HTTP error): {missing[:5]}"
+    # Offline math: the formulas are typeset by the site's own MathJax, none is left as raw TeX.
+    if report["formulas"]:
+        assert report["mathjax"] and all(s.startswith(server) for s in report["mathjax"]), (
+            f"{page}: MathJax is not served by the site: {report['mathjax'] or 'no MathJax script'} "
+            f"(refused: {[u for u in refused if 'mathjax' in u.lower()][:3]})")
+        assert typeset == "typeset", f"{page}: {report['formulas']} formulas, but {typeset}"
+        assert not report["untypeset"], f"{page}: formulas MathJax did not typeset: {report['untypeset'][:5]}"
+    assert not report["rawTex"], f"{page}: raw TeX in the page's text: {report['rawTex']}"
+    assert not report["noAlt"], f"{page}: images without alt text: {report['noAlt']}"
     if page.startswith("chapters/"):
         # Every chapter plots; a chapter page without a figure means the kernel drew to a non-inline backend.
         assert report["figures"] > 0, f"{page}: no figure in any cell output"
+        # The cell's `mystnb: figure: caption:` metadata (tests/test_site_static.py checks the sources).
+        assert not report["uncaptioned"], f"{page}: figures without a caption: {report['uncaptioned']}"
+        assert not report["fileAlt"], f"{page}: figures whose alt text is their file name: {report['fileAlt']}"

@@ -106,6 +106,7 @@ def test_mathjax_is_served_by_the_site():
     load it from there (``mathjax_path`` relative to _static, not a URL)."""
     config = yaml.safe_load((REPO / "book" / "_config.yml").read_text())["sphinx"]
     assert "sphinx-mathjax-offline" in config.get("extra_extensions", []), "the extension that copies MathJax is off"
+    assert "offline_math" in config.get("local_extensions", {}), "MathJax is not loaded on every page (book/_ext)"
     path = config["config"].get("mathjax_path", "")
     assert path and not re.match(r"^(https?:)?//", path), f"mathjax_path must be a path under _static, got {path!r}"
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -117,3 +118,34 @@ def test_mathjax_is_served_by_the_site():
     assert (shipped / path.removeprefix("mathjax/")).is_file(), f"the package ships no {path} ({shipped})"
     # MathJax's CHTML output loads its fonts from beside the script; without them formulas show as boxes.
     assert list((shipped / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff")), "the package ships no fonts"
+
+
+def _offline_math():
+    spec = importlib.util.spec_from_file_location("robustfl_offline_math", REPO / "book" / "_ext" / "offline_math.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_build_without_the_mathjax_files_fails(tmp_path):
+    """book/_ext/offline_math.py fails the build when the pages would load MathJax from a file
+    the site lacks, or from a URL; it passes a site that holds the file."""
+    pytest.importorskip("sphinx")
+    from types import SimpleNamespace
+
+    from sphinx.errors import ExtensionError
+
+    ext = _offline_math()
+
+    def app(path):
+        return SimpleNamespace(config=SimpleNamespace(mathjax_path=path), outdir=str(tmp_path),
+                               builder=SimpleNamespace(format="html"))
+
+    with pytest.raises(ExtensionError, match="did not copy"):
+        ext._check_copied(app("mathjax/tex-chtml.js"), None)
+    with pytest.raises(ExtensionError, match="URL"):
+        ext._check_copied(app("https://cdn.example/mathjax/tex-chtml.js"), None)
+    (tmp_path / "_static" / "mathjax").mkdir(parents=True)
+    (tmp_path / "_static" / "mathjax" / "tex-chtml.js").write_text("// MathJax")
+    ext._check_copied(app("mathjax/tex-chtml.js"), None)
+    ext._check_copied(app("mathjax/missing.js"), RuntimeError("the build failed already"))  # not masked
