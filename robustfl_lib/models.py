@@ -1,27 +1,30 @@
 """Models sized from a dataset's input shape and class count.
 
-The chapters use :class:`MLP` on 8x8 digits (fast on a laptop CPU) and
-:class:`SmallCNN` on 28x28 MNIST. For CIFAR-10 (3x32x32) there are :class:`CifarCNN`,
-a VGG-style network, and :class:`ResNet` (He et al. 2016): ResNet-8/20/... of the CIFAR
-family or a ResNet-18-style network. Introduced in chapter ``00_introduction``.
+The chapters use :class:`MLP` on 8x8 digits (fast on a laptop CPU) and :class:`SmallCNN` on
+28x28 MNIST, introduced in chapter ``00_introduction``. For CIFAR-10 (3x32x32) there are
+:class:`CifarCNN`, a VGG-style network, and :class:`ResNet` (He et al. 2016): ResNet-8/20/...
+of the CIFAR family or a ResNet-18-style network; no chapter uses them yet (they are for runs
+at the literature's scale, ``tests/test_models.py`` checks them).
 
 Normalisation layers and federated learning: ``norm="batch"`` (BatchNorm, Ioffe & Szegedy
 2015) gives each such layer float buffers (``running_mean``, ``running_var``) and an integer
 one (``num_batches_tracked``). The federated loop aggregates the float buffers with the
 parameters, by the same robust rule, and keeps the integer one aside
 (:mod:`robustfl_lib.params` says why); such models train client by client, not in the
-vectorized path. ``bn_momentum`` is BatchNorm's ``momentum`` :math:`m`: each training batch
-moves a running statistic a fraction :math:`m` of the way to the batch's value, so a round of
-:math:`b` local batches moves the global model's statistics only a fraction
-:math:`1 - (1 - m)^b` of the way (34 % for PyTorch's default 0.1 and 4 batches), and in eval mode
-the global model normalises with statistics of older weights. ``bn_momentum=None`` makes the
-running statistics the plain average over the batches seen since ``num_batches_tracked`` was 0;
-as the federated loop keeps the global model's counter at 0, that is the average over the
-client's batches of this round: statistics of this round's weights
-(``FLConfig(model="resnet8", model_kwargs={"bn_momentum": None})``). Outside federated
-learning it averages over all training, so the default stays 0.1. ``norm="group"`` (GroupNorm, Wu & He 2018) has no buffers and no
-dependence on the batch, the choice Hsieh et al. 2020 recommend for non-IID clients, and runs
-vectorized.
+vectorized path.
+
+``bn_momentum`` is BatchNorm's ``momentum`` :math:`m`: each training batch moves a running
+statistic a fraction :math:`m` of the way to the batch's value, so a round of :math:`b` local
+batches moves the global model's statistics only a fraction :math:`1 - (1 - m)^b` of the way
+(34 % for PyTorch's default 0.1 and 4 batches), and in eval mode the global model normalises
+with statistics of older weights. ``bn_momentum=None`` makes the running statistics the plain
+average over the batches seen since ``num_batches_tracked`` was 0; as the federated loop keeps
+the global model's counter at 0, that is the average over the client's batches of this round:
+statistics of this round's weights (``FLConfig(model="resnet8", model_kwargs={"bn_momentum":
+None})``). Outside federated learning it averages over all of training, so the default stays 0.1.
+
+``norm="group"`` (GroupNorm, Wu & He 2018) has no buffers and no dependence on the batch, the
+choice Hsieh et al. 2020 recommend for non-IID clients, and runs vectorized.
 """
 
 from __future__ import annotations
