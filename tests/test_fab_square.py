@@ -9,7 +9,7 @@ from torch import nn
 
 from attack_contract import batch, check_contract, digits_model, in_ball, robust_count
 from robustfl_lib import APGD, FAB, Square, hyperplane_projection, square_fraction
-from robustfl_lib.attacks.square import _eta, _pseudo_gaussian, _window_tables
+from robustfl_lib.attacks.square import _eta, _pseudo_gaussian, _Windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,9 +312,8 @@ def test_l2_proposal_is_the_papers_update():
     start = (x + 0.3 * torch.randn(n, c, h, w, generator=g, dtype=torch.float64)).clamp(0, 1)
     square = Square(eps, norm="l2")
     for sh, sw in [(3, 3), (5, 5), (3, 8)]:
-        rows_t, cols_t = _window_tables(h, sh, x), _window_tables(w, sw, x)
-        positions = torch.tensor([h - sh + 1, w - sw + 1], dtype=x.dtype)
-        got = square._l2_candidate(start, x, n, c, sh, sw, rows_t, cols_t, positions, torch.Generator().manual_seed(5))
+        windows = _Windows(h, w, sh, sw, x)
+        got = square._l2_candidate(start, x, n, c, sh, sw, windows, torch.Generator().manual_seed(5))
         u = torch.rand((n, 5 + c), generator=torch.Generator().manual_seed(5), dtype=x.dtype)
         assert torch.allclose(got, _l2_proposal_by_hand(start, x, eps, sh, sw, u), rtol=0, atol=1e-12), (sh, sw)
 
@@ -341,3 +340,21 @@ def test_square_l2_stays_on_the_sphere_and_breaks_points():
     counts = [robust_count(model, Square(e, norm="l2", queries=300)(watched, x, y), y) for e in (0.5, 1.5)]
     assert not any(watched.grad_enabled)
     assert counts[1] < counts[0] < clean and counts[1] < 0.5 * clean, (clean, counts)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_windows_without_the_table_are_the_same_search(monkeypatch, norm, eps):
+    """Past a size cap the table of every window is not built and each query forms its windows from
+    the row and column tables: the same draws must give the same search, bit for bit."""
+    import robustfl_lib.attacks.square as square
+
+    model, data = digits_model()
+    colour = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 5))
+    for net, (x, y) in ((model, (data.x_test[:60], data.y_test[:60])), (colour, batch((3, 6, 6), n=40))):
+        attack = Square(eps, norm=norm, queries=300, seed=3)
+        monkeypatch.setattr(square, "_WINDOW_TABLE_ELEMENTS", 2**24)
+        with_table = attack(net, x, y)
+        monkeypatch.setattr(square, "_WINDOW_TABLE_ELEMENTS", 0)
+        without = attack(net, x, y)
+        assert torch.equal(with_table, without)
+        assert robust_count(net, with_table, y) < robust_count(net, x, y)

@@ -76,6 +76,30 @@ def _window_tables(size: int, side: int, like: torch.Tensor) -> torch.Tensor:
     return ((pos >= start) & (pos < start + side)).to(like.dtype)
 
 
+# Above this many elements (64 MiB of float32) the table of every window of one size is not built and
+# each query forms its windows from the row and column tables instead.
+_WINDOW_TABLE_ELEMENTS = 2**24
+
+
+class _Windows:
+    """The 0/1 ``sh x sw`` windows in an ``h x w`` image: called on ``(m, 2)`` top-left corners,
+    ``(m, 1, h, w)``; ``positions`` holds the number of corners per axis."""
+
+    def __init__(self, h: int, w: int, sh: int, sw: int, like: torch.Tensor) -> None:
+        self.rows, self.cols = _window_tables(h, sh, like), _window_tables(w, sw, like)
+        self.positions = torch.tensor([h - sh + 1, w - sw + 1], dtype=like.dtype, device=like.device)
+        self.stride = torch.tensor([w - sw + 1, 1], device=like.device)
+        self.every = None
+        if (h - sh + 1) * (w - sw + 1) * h * w <= _WINDOW_TABLE_ELEMENTS:
+            # Every window of this size as one image, so that a query indexes it once.
+            self.every = (self.rows[:, None, :, None] * self.cols[None, :, None, :]).reshape(-1, 1, h, w)
+
+    def __call__(self, at: torch.Tensor) -> torch.Tensor:
+        if self.every is not None:
+            return self.every[(at * self.stride).sum(1)]
+        return self.rows[at[:, 0]][:, None, :, None] * self.cols[at[:, 1]][:, None, None, :]
+
+
 @dataclass(frozen=True)
 class Square(InputAttack):
     r"""Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a
@@ -205,29 +229,26 @@ class Square(InputAttack):
         # The rows still to attack, compacted: one copy when an example leaves, none per query.
         idx = (margin > 0).nonzero().squeeze(1)
         best, lo, hi, yy, loss = out[idx], lo[idx], hi[idx], y[idx], loss[idx]
-        tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        tables: dict[tuple[int, int], _Windows] = {}
         for i in range(1, self.queries):
             m = idx.numel()
             if m == 0:
                 break
             sh, sw = self._window(square_fraction(i, self.queries, self.p_init), h, w)
             if (sh, sw) not in tables:
-                tables[sh, sw] = (
-                    _window_tables(h, sh, xv), _window_tables(w, sw, xv),
-                    torch.tensor([h - sh + 1, w - sw + 1], dtype=xv.dtype, device=xv.device),
-                )
-            rows_t, cols_t, positions = tables[sh, sw]
+                tables[sh, sw] = _Windows(h, w, sh, sw, xv)
+            windows = tables[sh, sw]
             if linf:
                 u = _draw("uniform", (m, 2 + c), xv, gen)
-                at = (u[:, :2] * positions).long()
-                window = rows_t[at[:, 0]][:, None, :, None] * cols_t[at[:, 1]][:, None, None, :]  # (m, 1, h, w)
-                step = (u[:, 2:] < 0.5).to(xv.dtype).mul_(4 * eps).sub_(2 * eps)[:, :, None, None] * window
+                at = (u[:, :2] * windows.positions).long()
+                # +2 eps where the draw is below 1/2, as (1 * 4 eps - 2 eps), exactly.
+                step = torch.where(u[:, 2:, None, None] < 0.5, 2 * eps, -2 * eps).to(xv.dtype) * windows(at)
                 cand = (best + step).clamp_(lo, hi)
                 same = (cand == best).flatten(1).all(1)
                 if bool(same.any()):
                     cand = torch.where(same[:, None, None, None], (best - step).clamp_(lo, hi), cand)
             else:
-                cand = self._l2_candidate(best, lo, m, c, sh, sw, rows_t, cols_t, positions, gen)
+                cand = self._l2_candidate(best, lo, m, c, sh, sw, windows, gen)
             cand_margin, cand_loss = self._scores(forward, cand.view(m, *x.shape[1:]), yy)
             better = cand_loss < loss
             best = torch.where(better[:, None, None, None], cand, best)
@@ -241,16 +262,14 @@ class Square(InputAttack):
         return out.view(x.shape)
 
     def _l2_candidate(
-        self, best: torch.Tensor, xr: torch.Tensor, m: int, c: int, sh: int, sw: int, rows_t: torch.Tensor,
-        cols_t: torch.Tensor, positions: torch.Tensor, gen: torch.Generator | None,
+        self, best: torch.Tensor, xr: torch.Tensor, m: int, c: int, sh: int, sw: int, windows: _Windows,
+        gen: torch.Generator | None,
     ) -> torch.Tensor:
         """One l2 proposal per row: window 1 takes the mass of both windows and a fresh bump."""
         eps = self.eps
         u = _draw("uniform", (m, 5 + c), best, gen)
-        at1, at2 = (u[:, :2] * positions).long(), (u[:, 2:4] * positions).long()
-        r1, c1 = rows_t[at1[:, 0]], cols_t[at1[:, 1]]
-        w1 = r1[:, None, :, None] * c1[:, None, None, :]  # (m, 1, h, w)
-        w2 = rows_t[at2[:, 0]][:, None, :, None] * cols_t[at2[:, 1]][:, None, None, :]
+        at1, at2 = (u[:, :2] * windows.positions).long(), (u[:, 2:4] * windows.positions).long()
+        w1, w2 = windows(at1), windows(at2)  # (m, 1, h, w)
         both = torch.maximum(w1, w2)
         delta = best - xr
         sq = delta * delta
