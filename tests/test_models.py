@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -246,3 +245,15 @@ def test_model_kwargs_are_checked():
         ResNet((3, 32, 32), 10, bn_momentum=1.5)
     with pytest.raises(TypeError, match="unexpected keyword"):
         run_federated(_config(model="mlp", model_kwargs={"bn_momentum": None}), data=synthetic_cifar(n_train=10))
+
+
+def test_batchnorm_run_resumes_exactly(tmp_path):
+    # The checkpoint holds the integer counters too; a resumed run ends where an uninterrupted one does.
+    data = synthetic_cifar(n_train=30, n_test=20, side=16)
+    cfg = _config(num_clients=3, rounds=2, aggregator="median")
+    full = run_federated(cfg, data=data)
+    run_federated(_config(num_clients=3, rounds=1, aggregator="median"), data=data, checkpoint_dir=tmp_path)
+    resumed = run_federated(cfg, data=data, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.history == full.history
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
