@@ -250,3 +250,15 @@ def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch):
     with pytest.raises(D.CIFARError):
         load_dataset("cifar10", root=cache)
     assert load_dataset("cifar10", root=cache, download=True).x_test.shape == (20, 3, 32, 32)
+
+
+def test_a_federated_run_reads_cifar10_through_its_config(tmp_path):
+    # FLConfig names the dataset and its folder; the CIFAR CNN (BatchNorm) is sized from it and trains.
+    write_archive(tmp_path, fake_members(n_train=4, n_test=10))
+    from robustfl_lib import FLConfig, run_federated
+
+    cfg = FLConfig(dataset="cifar10", dataset_kwargs={"root": str(tmp_path)}, model="cifar_cnn", num_clients=2,
+                   rounds=1, local_epochs=1, batch_size=5, progress=False)
+    result = run_federated(cfg)
+    assert result.model.input_shape == (3, 32, 32) and len(result.history) == 1
+    assert 0.0 <= result.history[0]["clean_accuracy"] <= 1.0
