@@ -5,6 +5,7 @@ corrupt, wrong member, wrong content, a pickle that asks for a forbidden global,
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -149,6 +150,9 @@ def test_corrupt_archive(tmp_path):
         load_dataset("cifar10", root=tmp_path)
     path.write_bytes(b"this is not a gzip file at all")
     with pytest.raises(D.CIFARError, match="gzip"):
+        load_dataset("cifar10", root=tmp_path)
+    path.write_bytes(gzip.compress(b"a gzip stream, but no tar archive inside" * 20))
+    with pytest.raises(D.CIFARError, match="not a readable tar archive"):
         load_dataset("cifar10", root=tmp_path)
 
 
