@@ -6,6 +6,8 @@
                            # headless-Chromium check of every page; one chapter on another
                            # base seed (a daily rotation)
     python tasks.py book   # set up .venv, execute every chapter (two at a time) and build the site
+    python tasks.py pdf    # the built site printed to book/_build/pdf/robustfl.pdf by the local
+                           # Chromium, offline (book/pdf.py; --chapters 04 05, --solutions)
 
 Both create (or reuse) the virtual environment ``.venv`` and install the
 package with its extras. The torch requirement is pinned to the CPU build
@@ -296,8 +298,20 @@ def book(args: list[str]) -> int:
     return rc
 
 
+def pdf(args: list[str]) -> int:
+    """The built site as one PDF (book/_build/pdf/robustfl.pdf), printed offline by the local
+    Chromium; no tests run. Needs a built site (``python tasks.py book``); ``args`` go to
+    book/pdf.py (``--chapters 04 05``, ``--solutions``, ``--site DIR``, ``--out FILE``)."""
+    setup()
+    ensure_chromium()
+    start = time.perf_counter()
+    rc = subprocess.run([str(PY), str(ROOT / "book" / "pdf.py"), *args], cwd=ROOT).returncode
+    print(f"[tasks.py] pdf took {time.perf_counter() - start:.0f} s", flush=True)
+    return rc
+
+
 def main(argv: list[str]) -> int:
-    commands = {"test": test, "book": book}
+    commands = {"test": test, "book": book, "pdf": pdf}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
