@@ -8,6 +8,9 @@
     python tasks.py book   # set up .venv, execute every chapter (two at a time) and build the site
     python tasks.py pdf    # the built site printed to book/_build/pdf/robustfl.pdf by the local
                            # Chromium, offline (book/pdf.py; --chapters 04 05, --solutions)
+    python tasks.py student [--out DIR]          # the student edition (default student/): no solutions,
+                                                 # an answer cell and a self-grading check per exercise
+    python tasks.py student --grade DIR_OR_NBS   # execute collected notebooks, PASS/FAIL per exercise
 
 Both create (or reuse) the virtual environment ``.venv`` and install the
 package with its extras. The torch requirement is pinned to the CPU build
@@ -298,6 +301,19 @@ def book(args: list[str]) -> int:
     return rc
 
 
+def student(args: list[str]) -> int:
+    """The student edition (default folder ``student/``): every chapter as a notebook with the
+    solutions removed, an answer cell and a self-grading check cell per exercise;
+    ``--grade DIR_OR_NOTEBOOKS`` executes collected notebooks and prints PASS/FAIL per exercise
+    (robustfl_lib/grading.py; book/instructors.md)."""
+    setup()
+    start = time.perf_counter()
+    rc = subprocess.run([str(PY), "-m", "robustfl_lib.grading", *args], cwd=ROOT,
+                        env=dict(default_seed_env(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))).returncode
+    print(f"[tasks.py] student took {time.perf_counter() - start:.0f} s", flush=True)
+    return rc
+
+
 def pdf(args: list[str]) -> int:
     """The built site as one PDF (book/_build/pdf/robustfl.pdf), printed offline by the local
     Chromium; no tests run. Needs a built site (``python tasks.py book``); ``args`` go to
@@ -311,7 +327,7 @@ def pdf(args: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    commands = {"test": test, "book": book, "pdf": pdf}
+    commands = {"test": test, "book": book, "student": student, "pdf": pdf}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
