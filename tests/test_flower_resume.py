@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 
 import robustfl_lib as rfl  # noqa: E402
 from robustfl_lib.checkpoint import load_checkpoint  # noqa: E402
@@ -38,10 +39,14 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")  # conftest.py
 class LoopbackGrid:
     """Flower's Grid in one process: node ``1000 + p`` holds partition ``p``."""
 
-    def __init__(self, client_app, num_nodes: int, num_partitions: int, dead_from: dict[int, int] | None = None):
+    def __init__(self, client_app, num_nodes: int, num_partitions: int, dead_from: dict[int, int] | None = None,
+                 offline_from: dict[int, int] | None = None):
         self.client_app, self.num_partitions = client_app, num_partitions
         self.nodes = [1000 + p for p in range(num_nodes)]
         self.dead_from = dead_from or {}  # node -> first round in which it never replies
+        # node -> first round in which the "SuperLink" answers for it with a Node Unavailable error
+        # from its own node id (1), as Flower does once a node's heartbeats have stopped
+        self.offline_from = offline_from or {}
         self.pending: dict[str, object] = {}
         self.asked: list[tuple[int, int]] = []  # (round, node) of every training message
 
@@ -70,6 +75,11 @@ class LoopbackGrid:
             if node in self.dead_from and rnd >= self.dead_from[node]:
                 continue
             del self.pending[mid]
+            if node in self.offline_from and rnd >= self.offline_from[node]:
+                error = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=msg)
+                error.metadata.__dict__["_src_node_id"] = 1
+                out.append(error)
+                continue
             ctx = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1000,
                                                                "num-partitions": self.num_partitions},
                           state=RecordDict(), run_config={})
@@ -102,6 +112,23 @@ def test_dead_node_is_named_benched_and_asked_again_later(one_thread):
     assert history[1]["failures"] == ["node 1002 (partition 2): no reply within 0.3 s"]
     assert all(h["update_norm"] > 0 for h in history)
     assert "byzantine" not in history[0], "a deployed server does not know who is Byzantine"
+
+
+def test_node_the_superlink_reports_unavailable_is_lost_by_its_own_id(one_thread):
+    """The other way a dead node shows: the SuperLink, missing its heartbeats, answers for it with a
+    Node Unavailable error from the SuperLink's own node id. The record names the node that was
+    asked, lists it as lost and benches it, as a node silent until the deadline."""
+    cfg = rfl.FLConfig(**BASE)
+    grid = LoopbackGrid(make_client_app(cfg, byzantine_by_config=False), 4, 4, offline_from={1001: 2})
+    store: dict = {}
+    _serve(cfg, grid, DeploymentSettings(bench_rounds=2, **FAST), store=store)
+    history = store["history"]
+    assert [h["participants"] for h in history] == [[0, 1, 2, 3], [0, 2, 3], [0, 2, 3], [0, 2, 3], [0, 2, 3]]
+    assert [h.get("lost") for h in history] == [None, [{"node": 1001, "partition": 1}], None, None,
+                                                 [{"node": 1001, "partition": 1}]]
+    assert [r for r, node in grid.asked if node == 1001] == [1, 2, 5]
+    assert history[1]["failures"] == ["node 1001 (partition 1): error reply (Error: Node Unavailable)"]
+    assert not any("node 1 " in f for h in history for f in h.get("failures", []))
 
 
 def test_fewer_nodes_than_configured_start_after_the_wait_and_too_few_skip(digits, one_thread):

@@ -277,14 +277,21 @@ class LocalFederation:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log.read_text()[-2000:]}")
 
-    def add_node(self, node_config: Mapping[str, Any], register: bool = True, name: str | None = None) -> _Process:
+    def add_node(self, node_config: Mapping[str, Any], register: bool = True, name: str | None = None,
+                 trust_ca: bool = True) -> _Process:
         """Start a SuperNode with ``node_config`` (``{"partition-id": 0, "byzantine": True}``).
         With authentication, its key is made and, if ``register``, registered first; an unregistered
-        node is one the SuperLink must refuse."""
+        node is one the SuperLink must refuse. With TLS, the node checks the SuperLink's certificate
+        against the local CA (``--root-certificates``); ``trust_ca=False`` leaves the flag out, so the
+        node falls back to the system's CAs, which do not know the local one: the handshake must fail
+        (``CERTIFICATE_VERIFY_FAILED``), as it would for a device given the wrong CA."""
         name = name or f"supernode-{len(self.nodes)}"
         command = [self._tool("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
                    "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())]
-        command += ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
+        if self.tls:
+            command += ["--root-certificates", str(self.ca)] if trust_ca else []
+        else:
+            command.append("--insecure")
         if self.auth:
             key, public = self.make_node_key(name)
             if register:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -208,12 +209,19 @@ def make_server_app(
             strategy.expect_replies(messages)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             done = strategy.rounds[-1]
-            lost = [{"node": int(node), "partition": strategy.partition_of.get(node)} for node in unanswered]
+            # A node that died is lost either way: no reply by the deadline, or, if the SuperLink
+            # noticed first (no heartbeat for 2 x 30 s), an error reply it made for the node; the
+            # latter is already under "failures" with its reason.
+            offline = [strategy.sender(r) for r in replies
+                       if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE]
+            lost = [{"node": int(node), "partition": strategy.partition_of.get(node)} for node in unanswered + offline]
             for node in unanswered:
-                benched[node] = rnd + opts.bench_rounds
                 done["failures"].append(f"{strategy.node_name(node)}: no reply within {opts.round_timeout:g} s")
-                log(WARNING, "robustfl round %d: %s gave no reply within %g s; it sits out %d round(s)", rnd,
-                    strategy.node_name(node), opts.round_timeout, opts.bench_rounds)
+            for node in unanswered + offline:
+                benched[node] = rnd + opts.bench_rounds
+                log(WARNING, "robustfl round %d: %s is lost (%s); it sits out %d round(s)", rnd, strategy.node_name(node),
+                    f"no reply within {opts.round_timeout:g} s" if node in unanswered else "the SuperLink reports it "
+                    "unavailable", opts.bench_rounds)
             if new_arrays is not None:
                 model.load_state_dict(record_to_state(new_arrays))
             participants = done.get("participants", [])

@@ -267,6 +267,11 @@ class RobustStrategy(FedAvg):
         with this map the record names the node that was asked."""
         self._asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
+    def sender(self, msg: Message) -> int:
+        """The node a reply answers for: the node its message was sent to (:meth:`expect_replies`),
+        which differs from ``src_node_id`` on the error replies the SuperLink makes itself."""
+        return self._asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     def _partition_map(self, grid: Grid) -> dict[int, int]:
         """partition id -> node id, asked once of every node (``min_available_nodes`` of them)."""
         if self._nodes_by_partition is None:
@@ -295,7 +300,7 @@ class RobustStrategy(FedAvg):
         global_vec = flatten_state(global_state)
         rows, counts, order, flags, metrics, failures = [], [], [], [], [], []
         for msg in replies:
-            node = self._asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node = self.sender(msg)
             self._learn_partition(node, msg)  # also from a reply about to be dropped, to name its sender
             problem = self._check_reply(msg, global_state, keys)
             if problem:
