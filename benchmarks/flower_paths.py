@@ -32,7 +32,7 @@ last bit, which a few rounds can carry into a few test predictions: its accuracy
 are printed as paired 95% intervals over the seeds, floored by the 360-digit test set.
 
     python benchmarks/flower_paths.py                        # 5 seeds from ROBUSTFL_SEED (0)
-    python benchmarks/flower_paths.py --seeds 3 --rounds 3   # quicker
+    python benchmarks/flower_paths.py --seeds 3 --rounds 2   # quicker
 """
 
 from __future__ import annotations
