@@ -3,7 +3,7 @@
     python tasks.py pdf                        # book/_build/html -> book/_build/pdf/robustfl.pdf
     python book/pdf.py --chapters 04 05        # only these chapters (an instructor prints one)
     python book/pdf.py --solutions             # the exercises' solution dropdowns printed open
-    python book/pdf.py --site DIR --out FILE   # another build's html folder
+    python book/pdf.py --site DIR --toc FILE   # another build's html folder and its _toc.yml
 
 How: the site is served from 127.0.0.1 and every other request is refused, as in the browser
 check (tests/test_site.py). One page of the site is opened; its article is replaced by the
@@ -127,6 +127,12 @@ _ASSEMBLE = r"""async ({urls, solutions}) => {
     .prev-next-area, .bd-footer, .bd-footer-content, footer, .toggle-button, #pst-back-to-top { display: none !important; }
     .bd-main .bd-content .bd-article-container { max-width: 100% !important; }
     img { break-inside: avoid; max-width: 100% !important; }
+    /* A long code cell kept whole leaves an empty box at the foot of a sheet; Chromium never splits
+       a scrolling box, so the code boxes stop scrolling (long lines wrap instead) and run on. */
+    pre, div.highlight, div[class*="highlight-"], div.cell, div.cell_input, div.cell_output, div.output {
+      break-inside: auto !important; overflow: visible !important; max-height: none !important; }
+    /* The theme lays code boxes out as flex rows, which Chromium does not split across sheets either. */
+    div.highlight, div.cell_input, div[class*="highlight-"] { display: block !important; }
     div.highlight pre { white-space: pre-wrap; }`;
   document.head.append(style);
   let typeset = 'no formulas';
@@ -150,7 +156,20 @@ _ASSEMBLE = r"""async ({urls, solutions}) => {
 }"""
 
 _FOOTER = ('<div style="font-size:8px; width:100%; text-align:center; color:#555;">'
-           '<span class="title"></span> &middot; <span class="pageNumber"></span> / <span class="totalPages"></span></div>')
+           '{title} &middot; <span class="pageNumber"></span> / <span class="totalPages"></span></div>')
+
+
+def book_title(config: Path = BOOK / "_config.yml") -> str:
+    """The book's title for the footer (book/_config.yml), HTML-escaped."""
+    import html
+
+    import yaml
+
+    try:
+        title = (yaml.safe_load(config.read_text()) or {}).get("title")
+    except OSError:
+        title = None
+    return html.escape(str(title or "robustfl"))
 
 
 def page_count(pdf: bytes) -> int:
@@ -202,7 +221,7 @@ def print_pdf(site: Path = SITE, out: Path = OUT, chapters: list[str] | None = N
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tab.emulate_media(media="print")
                 data = tab.pdf(format="A4", print_background=True, display_header_footer=True,
-                               header_template="<div></div>", footer_template=_FOOTER, outline=True, tagged=True,
+                               header_template="<div></div>", footer_template=_FOOTER.format(title=book_title()), outline=True, tagged=True,
                                margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"})
                 out.write_bytes(data)
             finally:
@@ -219,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--site", type=Path, default=SITE, help=f"the built html folder (default {SITE})")
     parser.add_argument("--out", type=Path, default=OUT, help=f"the PDF to write (default {OUT})")
+    parser.add_argument("--toc", type=Path, default=BOOK / "_toc.yml",
+                        help="the table of contents giving the pages and their order (default book/_toc.yml)")
     parser.add_argument("--chapters", nargs="+", help="only these chapters, by number (04) or file stem")
     parser.add_argument("--solutions", action="store_true", help="print the exercises' solutions open")
     args = parser.parse_args(argv)
     try:
-        r = print_pdf(args.site, args.out, args.chapters, args.solutions)
+        r = print_pdf(args.site, args.out, args.chapters, args.solutions, args.toc)
     except PDFError as exc:
         print(f"[book/pdf.py] error: {exc}", file=sys.stderr, flush=True)
         return 1
