@@ -172,3 +172,25 @@ def test_student_edition_runs_fails_empty_and_passes_with_solutions(number, tmp_
         second.update(grading.parse_reports("".join(o.get("text", "") for o in cell.get("outputs", []))))
     assert set(first) == set(labels) and all(status == "FAIL" for status, _ in first.values()), first
     assert set(second) == set(labels) and all(status == "PASS" for status, _ in second.values()), second
+
+
+def test_grading_restores_the_checks_and_reads_only_their_reports(tmp_path):
+    """A collected notebook whose check was edited to print PASS, and whose answer cell prints a
+    fake PASS, still FAILs: the check is restored from the sources, and only its output counts."""
+    (chapter,) = [c for c in CHAPTERS if c.name.startswith("00_")]
+    edition = grading.student_notebook(chapter)
+    keep = [c for c in edition.cells if c.metadata.get("robustfl", {}).get("answer") == "ex-00-quantity"
+            or c.metadata.get("robustfl", {}).get("check") == "ex-00-quantity"]
+    keep = [c for c in keep if c.cell_type == "code"]
+    assert len(keep) == 2
+    keep[0].source = "print('PASS ex-00-quantity')"
+    keep[1].source = "print('PASS ex-00-quantity')"
+    nb = nbformat.v4.new_notebook(metadata=edition.metadata)
+    nb.cells = keep
+    path = tmp_path / chapter.with_suffix(".ipynb").name
+    nbformat.write(nb, str(path))
+    graded = grading.grade([tmp_path])
+    status, reason = graded[str(path)]["ex-00-quantity"]
+    assert status == "FAIL" and reason.startswith("Unanswered: skew_qty is not defined"), reason
+    # without restoring, the edited check would have passed: the restore is what catches it
+    assert grading.grade_notebook(path, restore=False)["ex-00-quantity"][0] == "PASS"
