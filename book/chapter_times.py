@@ -90,6 +90,8 @@ def prose_words(src: Path) -> int:
     text = re.sub(r"\A---\n.*?\n---\n", "", src.read_text(), flags=re.S)
     # Fences of three or more backticks; ```{exercise}/{solution} blocks hold prose, code cells do not.
     text = re.sub(r"^```+\{code-cell\}.*?^```+\s*$", "", text, flags=re.S | re.M)
+    # Markup nobody reads: fence lines (```{exercise}), directive options (:label: ...), labels ((ch-x)=).
+    text = re.sub(r"^(```.*|:[\w-]+:.*|\([\w-]+\)=)\s*$", "", text, flags=re.M)
     return len(re.findall(r"[A-Za-z][A-Za-z'-]*", text))
 
 

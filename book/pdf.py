@@ -67,7 +67,8 @@ def select(pages: list[str], chapters: list[str] | None) -> list[str]:
                  or (stem.isdigit() and re.match(rf"{int(stem):02d}_", Path(p).name))]
         if not match:
             numbered = ", ".join(Path(p).name[:2] for p in pages if re.match(r"\d\d_", Path(p).name))
-            raise PDFError(f"no chapter {want!r} in the table of contents (chapters: {numbered})")
+            raise PDFError(f"no chapter {want!r} in the table of contents "
+                           + (f"(chapters: {numbered})" if numbered else "(it lists no numbered chapter)"))
         chosen += [p for p in match if p not in chosen]
     return [p for p in pages if p in chosen]  # reading order, whatever order they were asked in
 
