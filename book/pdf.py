@@ -221,9 +221,13 @@ def print_pdf(site: Path = SITE, out: Path = OUT, chapters: list[str] | None = N
                 out = Path(out)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tab.emulate_media(media="print")
-                data = tab.pdf(format="A4", print_background=True, display_header_footer=True,
-                               header_template="<div></div>", footer_template=_FOOTER.format(title=book_title()), outline=True, tagged=True,
+                options = dict(format="A4", print_background=True, display_header_footer=True,
+                               header_template="<div></div>", footer_template=_FOOTER.format(title=book_title()),
                                margin={"top": "14mm", "bottom": "16mm", "left": "12mm", "right": "12mm"})
+                try:  # the outline (bookmarks) and tags need playwright 1.42; the project admits 1.40
+                    data = tab.pdf(**options, outline=True, tagged=True)
+                except TypeError:
+                    data = tab.pdf(**options)
                 out.write_bytes(data)
             finally:
                 browser.close()
