@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import re
 import sys
 import time
@@ -415,10 +416,12 @@ def grade(paths: Iterable[Path], timeout: int = 900) -> dict[str, dict[str, tupl
         table[str(f)] = grade_notebook(f, timeout=timeout)
         print(f"graded {f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     width = max([len("exercise")] + [len(label) for g in table.values() for label in g])
-    print(f"{'notebook':<50} {'exercise':<{width}} result")
+    names = {f: os.path.relpath(f) for f in table}  # the folder names the student: alice/00_....ipynb
+    left = max([len("notebook")] + [len(n) for n in names.values()])
+    print(f"{'notebook':<{left}} {'exercise':<{width}} result")
     for f, graded in table.items():
         for label, (status, reason) in graded.items():
-            print(f"{Path(f).name:<50} {label:<{width}} {status}" + (f" ({reason})" if reason else ""))
+            print(f"{names[f]:<{left}} {label:<{width}} {status}" + (f" ({reason})" if reason else ""))
     total = sum(len(g) for g in table.values())
     passed = sum(s == "PASS" for g in table.values() for s, _ in g.values())
     print(f"{passed}/{total} checks pass in {len(files)} notebook(s)")
