@@ -125,6 +125,13 @@ def _tags(cell) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def _parse(source: str) -> ast.Module:
+    """``ast.parse`` of a notebook cell: IPython's ``%magic`` and ``!shell`` lines read as ``pass``."""
+    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.splitlines()]
+    return ast.parse("\n".join(lines))
+
+
 def _bound_in_scopes(tree: ast.AST) -> set[str]:
     """Names bound inside comprehensions, lambdas and functions of ``tree`` (local to them)."""
     out = set()
@@ -138,13 +145,13 @@ def _bound_in_scopes(tree: ast.AST) -> set[str]:
 
 
 def _free_loads(source: str) -> set[str]:
-    tree = ast.parse(source)
+    tree = _parse(source)
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     return loads - _bound_in_scopes(tree) - _defined(source)  # a check's own loop variables are its own
 
 
 def _names(source: str) -> set[str]:
-    return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    return {n.id for n in ast.walk(_parse(source)) if isinstance(n, ast.Name)}
 
 
 def _defined(source: str) -> set[str]:
@@ -182,7 +189,7 @@ def _defined(source: str) -> set[str]:
             for field in ("body", "orelse", "finalbody", "handlers"):
                 visit(getattr(node, field, []) or [])
 
-    visit(ast.parse(source).body)
+    visit(_parse(source).body)
     return out
 
 
