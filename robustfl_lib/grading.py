@@ -154,7 +154,7 @@ def _names(source: str) -> set[str]:
     return {n.id for n in ast.walk(_parse(source)) if isinstance(n, ast.Name)}
 
 
-def _defined(source: str) -> set[str]:
+def _defined(source: str, imports: bool = True) -> set[str]:
     """Names a cell binds at module level (assignments, loops, with, imports, def, class);
     an augmented assignment (``runs |= ...``) extends a name rather than defining it."""
     out: set[str] = set()
@@ -180,7 +180,7 @@ def _defined(source: str) -> set[str]:
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 out.add(node.name)
                 continue
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and imports:
                 out.update((a.asname or a.name).split(".")[0] for a in node.names)
             elif isinstance(node, (ast.With, ast.AsyncWith)):
                 for item in node.items:
@@ -227,7 +227,8 @@ def answer_names(block: dict) -> list[str]:
     declared = block["check"][-1].get("metadata", {}).get("answers")
     if declared is not None:
         return list(declared)
-    defined = set().union(*(_defined(c.source) for c in block["answer"])) if block["answer"] else set()
+    # an import is not an answer: a stub `np = ...` would only break the check
+    defined = set().union(*(_defined(c.source, imports=False) for c in block["answer"])) if block["answer"] else set()
     return sorted(_free_loads(block["check"][-1].source) & defined)
 
 
@@ -296,6 +297,8 @@ def student_notebook(source: Path | str, answers: str = "stub"):
         if inside is None:
             flush(pending)
         pending = []
+    for i, cell in enumerate(new.cells):  # fixed ids: the same sources give the same files
+        cell["id"] = f"cell-{i}"
     nbformat.validate(new)
     return new
 

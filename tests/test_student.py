@@ -195,3 +195,19 @@ def test_grading_restores_the_checks_and_reads_only_their_reports(tmp_path):
     assert status == "FAIL" and reason.startswith("Unanswered: skew_qty is not defined"), reason
     # without restoring, the edited check would have passed: the restore is what catches it
     assert grading.grade_notebook(path, restore=False)["ex-00-quantity"][0] == "PASS"
+
+
+def test_answer_names_derivation_and_override():
+    answer = nbformat.v4.new_code_cell("import numpy as np\nrows = [1, 2]\nfor k in rows:\n    total = k\nruns['x'] = 1")
+    check = nbformat.v4.new_code_cell("assert all(k > 0 for k in rows) and total == 2 and runs and np.pi and data")
+    block = {"label": "ex-t", "answer": [answer], "check": [check], "text": []}
+    # read by the check and defined by the answer; not np (imported), runs (only extended), data (the chapter's)
+    assert grading.answer_names(block) == ["rows", "total"]
+    check.metadata["answers"] = ["total"]
+    assert grading.answer_names(block) == ["total"]
+
+
+def test_the_edition_is_the_same_file_every_time(tmp_path):
+    (chapter,) = [c for c in CHAPTERS if c.name.startswith("07_")]
+    a, b = grading.build_edition(tmp_path / "a", [chapter]), grading.build_edition(tmp_path / "b", [chapter])
+    assert a[0].read_bytes() == b[0].read_bytes()
