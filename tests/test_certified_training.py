@@ -84,7 +84,6 @@ def test_no_attack_breaks_a_verified_point(models, split, method, eps):
             assert ok.sum() > 0  # the implication is checked on verified points, not vacuously
 
 
-@pytest.mark.skipif(not hasattr(rfl, "AutoAttack"), reason="the library has no AutoAttack yet")
 def test_no_autoattack_point_breaks_a_verified_point(models, split):
     """The same under the library's strongest attack (AutoAttack, fast version), once per model."""
     _, _, xt, yt = split
