@@ -92,10 +92,11 @@ _CHECKS = r"""() => {
                                         || s.closest('details') !== null).length;
   const drawn = [...document.querySelectorAll('.cell_output img')];
   const name = i => (i.getAttribute('src') || '').split('/').pop();
-  // A figure is captioned when myst-nb wrapped it in <figure> with a non-empty <figcaption>.
+  // A figure is captioned when myst-nb wrapped it in <figure> with a non-empty <figcaption>
+  // (textContent: in a closed solution dropdown innerText is empty although the caption is there).
   const uncaptioned = drawn.filter(i => {
     const cap = i.closest('figure') && i.closest('figure').querySelector('figcaption');
-    return !(cap && cap.innerText.trim());
+    return !(cap && cap.textContent.trim());
   }).map(name);
   const main = document.querySelector('main') || document.body;
   const noAlt = [...main.querySelectorAll('img')].filter(i => !(i.getAttribute('alt') || '').trim()).map(name);
