@@ -98,12 +98,18 @@ BASE = dict(dataset="digits", num_clients=4, rounds=5, partition="iid", lr=0.3, 
             seed=3, progress=False)
 
 
-def test_dead_node_is_named_benched_and_asked_again_later(one_thread):
+def _serve_losing_a_node(**faults) -> tuple[list[dict], LoopbackGrid]:
+    """Five rounds on four loopback nodes, one of which fails as ``faults`` says (``dead_from`` or
+    ``offline_from``: node id -> first round), nodes benched 2 rounds: the history and the grid."""
     cfg = rfl.FLConfig(**BASE)
-    grid = LoopbackGrid(make_client_app(cfg, byzantine_by_config=False), 4, 4, dead_from={1002: 2})
+    grid = LoopbackGrid(make_client_app(cfg, byzantine_by_config=False), 4, 4, **faults)
     store: dict = {}
     _serve(cfg, grid, DeploymentSettings(bench_rounds=2, **FAST), store=store)
-    history = store["history"]
+    return store["history"], grid
+
+
+def test_dead_node_is_named_benched_and_asked_again_later(one_thread):
+    history, grid = _serve_losing_a_node(dead_from={1002: 2})
     assert [h["participants"] for h in history] == [[0, 1, 2, 3], [0, 1, 3], [0, 1, 3], [0, 1, 3], [0, 1, 3]]
     # lost in round 2, sits out rounds 3 and 4, asked (and lost) again in round 5
     assert [h.get("lost") for h in history] == [None, [{"node": 1002, "partition": 2}], None, None,
@@ -118,11 +124,7 @@ def test_node_the_superlink_reports_unavailable_is_lost_by_its_own_id(one_thread
     """The other way a dead node shows: the SuperLink, missing its heartbeats, answers for it with a
     Node Unavailable error from the SuperLink's own node id. The record names the node that was
     asked, lists it as lost and benches it, as a node silent until the deadline."""
-    cfg = rfl.FLConfig(**BASE)
-    grid = LoopbackGrid(make_client_app(cfg, byzantine_by_config=False), 4, 4, offline_from={1001: 2})
-    store: dict = {}
-    _serve(cfg, grid, DeploymentSettings(bench_rounds=2, **FAST), store=store)
-    history = store["history"]
+    history, grid = _serve_losing_a_node(offline_from={1001: 2})
     assert [h["participants"] for h in history] == [[0, 1, 2, 3], [0, 2, 3], [0, 2, 3], [0, 2, 3], [0, 2, 3]]
     assert [h.get("lost") for h in history] == [None, [{"node": 1001, "partition": 1}], None, None,
                                                  [{"node": 1001, "partition": 1}]]
