@@ -112,9 +112,12 @@ def plot_comparison(comparison: Comparison, metric: str = "clean", vmin: float =
                              sharey=True, squeeze=False)
     for j, (ax, atk) in enumerate(zip(axes[0], comparison.attacks)):
         data = np.ma.masked_invalid(values[:, j, :])
-        im = ax.imshow(data, vmin=vmin, vmax=vmax, cmap="RdYlGn", aspect="auto")
+        # cividis: ordered for readers with a red-green colour vision deficiency (RdYlGn is not)
+        im = ax.imshow(data, vmin=vmin, vmax=vmax, cmap="cividis", aspect="auto")
         for (i, k), v in np.ndenumerate(values[:, j, :]):
-            ax.text(k, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6.5)
+            dark = not np.isnan(v) and v < vmin + 0.5 * (vmax - vmin)  # cividis is dark at the low end
+            ax.text(k, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="white" if dark else "black")
         ax.set_xticks(range(len(comparison.fractions)), [f"{f:.0%}" for f in comparison.fractions], fontsize=7)
         ax.set_title(atk, fontsize=9)
         ax.set_xlabel("Byzantine", fontsize=8)

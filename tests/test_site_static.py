@@ -75,16 +75,9 @@ _NAMES = "|".join(RED_GREEN)
 # The name as a string ("RdYlGn", 'jet_r') or as matplotlib.cm's attribute (cm.jet); not a word in prose.
 COLORMAP = re.compile(rf"""["'](?P<s>{_NAMES})(?:_r)?["']|\bcm\.(?P<a>{_NAMES})\b""")
 PLOTTING_SOURCES = CHAPTERS + sorted((REPO / "robustfl_lib").rglob("*.py"))
-# Not the site's: a helper no chapter calls, in a module this change does not own.
-RED_GREEN_NOT_FIXED_YET = {"robustfl_lib/comparison.py"}
 
 
-@pytest.mark.parametrize(
-    "source",
-    [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="RdYlGn, not yet replaced"))
-     if str(s.relative_to(REPO)) in RED_GREEN_NOT_FIXED_YET else s for s in PLOTTING_SOURCES],
-    ids=lambda p: str(p.relative_to(REPO)),
-)
+@pytest.mark.parametrize("source", PLOTTING_SOURCES, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_red_green_colour_map(source):
     found = sorted({m.group("s") or m.group("a") for m in COLORMAP.finditer(source.read_text())})
     assert not found, (f"{source.relative_to(REPO)} uses {found}: pick a map readable with a red-green "
