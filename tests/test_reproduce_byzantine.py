@@ -40,12 +40,20 @@ def test_one_seed_is_refused():
     assert out.returncode == 2 and "--seeds must be >= 2" in out.stderr
 
 
-@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason="MNIST t10k files absent")
-def test_tiny_karimireddy_table(tmp_path):
-    path = tmp_path / "kb.json"
-    out = run(SCRIPTS[0], "--size", "tiny", "--seeds", "2", "--data-root", str(MNIST), "--json", str(path))
+needs_mnist = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason="MNIST t10k files absent")
+
+
+def run_tiny(script, tmp_path):
+    """The script at its tiny size over two seeds: its stdout and the JSON it wrote."""
+    path = tmp_path / "table.json"
+    out = run(script, "--size", "tiny", "--seeds", "2", "--data-root", str(MNIST), "--json", str(path))
     assert out.returncode == 0, out.stderr
-    got = json.loads(path.read_text())
+    return out, json.loads(path.read_text())
+
+
+@needs_mnist
+def test_tiny_karimireddy_table(tmp_path):
+    out, got = run_tiny(SCRIPTS[0], tmp_path)
     assert {(r["rule"], r["attack"], r["bucketing"]) for r in got["table"]} == {("median", "alie", False),
                                                                                ("median", "alie", True)}
     for r in got["table"]:
@@ -56,12 +64,9 @@ def test_tiny_karimireddy_table(tmp_path):
     assert "bucketing helps" in out.stdout and "| CM + bucketing | alie |" in out.stdout
 
 
-@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason="MNIST t10k files absent")
+@needs_mnist
 def test_tiny_byzfl_table(tmp_path):
-    path = tmp_path / "bz.json"
-    out = run(SCRIPTS[1], "--size", "tiny", "--seeds", "2", "--data-root", str(MNIST), "--json", str(path))
-    assert out.returncode == 0, out.stderr
-    got = json.loads(path.read_text())
+    out, got = run_tiny(SCRIPTS[1], tmp_path)
     assert len(got["seeds"]) == 2
     (cell,) = got["cells"]
     assert cell["rule"] == "median" and cell["worst_attack"] == "sign_flip" and cell["fraction"] == 0.2

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 import robustfl_lib as rfl
 
@@ -40,3 +43,20 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def parse_args(doc: str, sizes, json_help: str, argv=None) -> argparse.Namespace:
+    """The options both scripts take; refuses one seed (no interval), skips without MNIST, pins one thread."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(sizes), default="cpu")
+    p.add_argument("--seeds", type=int, default=3, help="number of lock-step seeds (>= 2; 3 at CPU size)")
+    p.add_argument("--base-seed", type=int, default=int(os.environ.get("ROBUSTFL_SEED", 0)))
+    p.add_argument("--data-root", type=Path, default=MNIST_DIR)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help=json_help)
+    a = p.parse_args(argv)
+    if a.seeds < 2:
+        p.error(f"--seeds must be >= 2 for an interval, got {a.seeds}")
+    require_mnist(a.data_root)
+    torch.set_num_threads(1)
+    return a

@@ -20,18 +20,14 @@ Data absent: exit 77 with a message.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustfl_lib as rfl  # noqa: E402
-from _common import MNIST_DIR, markdown, mnist_kwargs, require_mnist  # noqa: E402
+from _common import markdown, mnist_kwargs, parse_args  # noqa: E402
 
 # ByzFL's reported worst-case accuracies: not retrieved in this session, so "not found".
 PAPER = {}
@@ -57,18 +53,7 @@ def bench_config(size: str, root: Path, seeds: int, base_seed: int, device: str 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=list(SIZES), default="cpu")
-    p.add_argument("--seeds", type=int, default=3, help="number of lock-step seeds (>= 2; 3 at CPU size)")
-    p.add_argument("--base-seed", type=int, default=int(os.environ.get("ROBUSTFL_SEED", 0)))
-    p.add_argument("--data-root", type=Path, default=MNIST_DIR)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="write the per-cell and worst-case tables to this JSON file")
-    a = p.parse_args(argv)
-    if a.seeds < 2:
-        p.error(f"--seeds must be >= 2 for an interval, got {a.seeds}")
-    require_mnist(a.data_root)
-    torch.set_num_threads(1)
+    a = parse_args(__doc__, SIZES, "write the per-cell and worst-case tables to this JSON file", argv)
     t0 = time.time()
     result = rfl.worst_case_benchmark(bench_config(a.size, a.data_root, a.seeds, a.base_seed, a.device),
                                       progress=False)

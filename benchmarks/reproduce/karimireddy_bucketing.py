@@ -19,18 +19,14 @@ RFA, TM, CClip) and five attacks (BF as sign flip, LF, mimic, IPM, ALIE) over 1,
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustfl_lib as rfl  # noqa: E402
-from _common import MNIST_DIR, load_per_seed, markdown, mnist_kwargs, require_mnist  # noqa: E402
+from _common import load_per_seed, markdown, mnist_kwargs, parse_args  # noqa: E402
 
 # The paper's Table (MNIST, non-iid, with/without bucketing): we could not retrieve its cell values
 # in this session, so every cell says "not found" rather than a remembered number.
@@ -69,24 +65,14 @@ def configs(size: str, root: Path, device: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=list(SIZES), default="cpu")
-    p.add_argument("--seeds", type=int, default=3, help="number of lock-step seeds (>= 2; 3 at CPU size)")
-    p.add_argument("--base-seed", type=int, default=int(os.environ.get("ROBUSTFL_SEED", 0)))
-    p.add_argument("--data-root", type=Path, default=MNIST_DIR)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="write the table and differences to this JSON file")
-    a = p.parse_args(argv)
-    if a.seeds < 2:
-        p.error(f"--seeds must be >= 2 for an interval, got {a.seeds}")
-    require_mnist(a.data_root)
-    torch.set_num_threads(1)
+    a = parse_args(__doc__, SIZES, "write the table and differences to this JSON file", argv)
     seeds = rfl.derive_seeds(a.base_seed, a.seeds)
     cfgs = configs(a.size, a.data_root, a.device)
     t0 = time.time()
-    results = rfl.run_over_seeds(cfgs, seeds, data=load_per_seed(a.data_root, seeds))
+    data = load_per_seed(a.data_root, seeds)
+    results = rfl.run_over_seeds(cfgs, seeds, data=data)
     elapsed = time.time() - t0
-    n_test = len(next(iter(load_per_seed(a.data_root, seeds[:1]).values())).y_test)
+    n_test = len(data[seeds[0]].y_test)
     acc = {k: rfl.final_metric(v) for k, v in results.items()}
     s = SIZES[a.size]
     setting = (f"MNIST 8k/2k, shards, n={s['num_clients']}, f={int(s['byzantine_fraction'] * s['num_clients'])}, "
